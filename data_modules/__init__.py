@@ -1,0 +1,1 @@
+"""Readers, splits and LightningDataModules for users' files."""

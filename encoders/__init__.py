@@ -1,0 +1,1 @@
+"""Domain encoders: one file per modality, each holding its featurizer and its module."""

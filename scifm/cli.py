@@ -1,0 +1,123 @@
+"""``scifm fit | validate | test | predict --config FILE`` through Lightning's LightningCLI.
+
+scifm adds to LightningCLI: MLflow as the default logger (a local SQLite store), saving the
+trained model with ``save_pretrained`` into ``--output_dir`` after ``fit``, logging that
+directory, the resolved config and the data report to the MLflow run, and writing
+predictions as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
+
+from scifm.data_modules.base import ScifmDataModule
+from scifm.module import ScifmModule
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Appends each predicted row (``id``, ``generated``, ``head``) to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(write_interval="batch")
+        self.path = Path(path)
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write_on_batch_end(self, trainer: Any, pl_module: Any, prediction: Any, *args: Any) -> None:
+        with self.path.open("a") as fh:
+            for row in prediction:
+                fh.write(json.dumps(row) + "\n")
+
+
+class ScifmCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--output_dir",
+            type=str,
+            default="outputs/model",
+            help="where fit saves the trained model (save_pretrained) and predict writes predictions.jsonl",
+        )
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                    "init_args": {"experiment_name": "scifm", "tracking_uri": DEFAULT_TRACKING_URI},
+                }
+            }
+        )
+
+    def _mlflow(self) -> MLFlowLogger | None:
+        logger = self.trainer.logger
+        return logger if isinstance(logger, MLFlowLogger) else None
+
+    def _output_dir(self) -> Path:
+        return Path(self.config[self.subcommand]["output_dir"])
+
+    def _resolved_config(self) -> str:
+        return str(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+
+    def before_fit(self) -> None:
+        logger = self._mlflow()
+        if logger is not None and self.trainer.is_global_zero:
+            logger.experiment.log_text(logger.run_id, self._resolved_config(), "config.yaml")
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        assert isinstance(self.model, ScifmModule)
+        target = self.model.save_pretrained(str(self._output_dir()))
+        (target / "training_config.yaml").write_text(self._resolved_config())
+        logger = self._mlflow()
+        if logger is not None:
+            logger.experiment.log_artifacts(logger.run_id, str(target), "model")
+            if isinstance(self.datamodule, ScifmDataModule):
+                for source, report in self.datamodule.reports.items():
+                    logger.experiment.log_text(
+                        logger.run_id, report.summary(source), f"data/{source.split()[0]}.txt"
+                    )
+                    logger.experiment.log_metric(
+                        logger.run_id, f"data/skipped_{source.split()[0]}", report.skipped
+                    )
+        prompt = "What is the hydration free energy of <mol> in kcal/mol?"
+        if isinstance(self.datamodule, ScifmDataModule):
+            prompt = self.datamodule.template.prompt
+        where = f" and logged to MLflow run {logger.run_id}" if logger else ""
+        print(
+            f"\nscifm: model saved to {target}{where}\nUse it from Python:\n"
+            f"    import scifm\n    predictor = scifm.load({str(target)!r})\n"
+            f"    predictor.generate([{prompt!r}], molecules=[\"CCO\"])\n"
+        )
+
+    def before_predict(self) -> None:
+        writer = JsonlPredictionWriter(str(self._output_dir() / "predictions.jsonl"))
+        self.trainer.callbacks.append(writer)  # type: ignore[attr-defined]
+
+    def after_predict(self) -> None:
+        print(f"scifm: predictions written to {self._output_dir() / 'predictions.jsonl'}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``scifm`` console script."""
+    ScifmCLI(
+        ScifmModule,
+        ScifmDataModule,
+        subclass_mode_data=True,
+        # LightningCLI's SaveConfigCallback needs a logger with a local log_dir; the resolved
+        # config is logged to MLflow and written next to the saved model instead.
+        save_config_callback=None,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The model end to end on tiny random backbones: training, save -> load, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMILES, tiny_config
+
+from scifm.model import ScifmModel
+from scifm.predictor import Predictor
+from scifm.tokenization import Sample
+
+PROMPT = "What is the hydration free energy of <mol> in kcal/mol?"
+
+
+def _samples(model: ScifmModel) -> list[Sample]:
+    samples = [
+        Sample(
+            id=f"r{i}",
+            prompt=PROMPT,
+            answer=f"-{i}.25 kcal/mol",
+            items={"molecule": [model.featurize("molecule", s, record=f"r{i}")]},
+            target=[float(i)],
+        )
+        for i, s in enumerate(SMILES)
+    ]
+    pair = [model.featurize("molecule", s, record="pair") for s in SMILES[:2]]
+    samples.append(
+        Sample(
+            id="pair",
+            prompt="Which is more soluble in water, <mol> or <mol>?",
+            answer="first",
+            items={"molecule": pair},
+            target=[1.0],
+        )
+    )
+    return samples
+
+
+def _train(model: ScifmModel, batch: dict, steps: int = 20) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(batch)
+        assert out.loss is not None
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("stage", "connector", "backbone"),
+    [("instruct", "resampler", "llama"), ("align", "mlp", "llama"), ("full", "resampler", "gpt2")],
+)
+def test_training_lowers_loss_and_save_load_is_identical(
+    stage: str, connector: str, backbone: str, llama_dir: Path, gpt2_dir: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        llama_dir if backbone == "llama" else gpt2_dir, stage=stage, connector=connector, head="regression"
+    )
+    model = ScifmModel.from_config(cfg)
+    samples = _samples(model)
+    batch = model.collator()(samples)
+    losses = _train(model, batch)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    # what trains, per stage
+    backbone_base = [p for n, p in model.backbone.named_parameters() if "lora" not in n]
+    lora = [p for n, p in model.backbone.named_parameters() if "lora" in n]
+    if stage == "align":
+        assert not any(p.requires_grad for p in backbone_base) and not lora
+    elif stage == "instruct":
+        assert not any(p.requires_grad for p in backbone_base) and all(p.requires_grad for p in lora) and lora
+    else:
+        assert all(p.requires_grad for p in backbone_base)
+
+    before = model.generate(samples, max_new_tokens=6)
+    head_before = model(batch).head_output
+    saved = model.save_pretrained(tmp_path / "model")
+    files = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".ckpt")) for f in files)
+    assert {"config.json", "modules.safetensors"} <= files
+    assert ("adapter/adapter_model.safetensors" in files) == (stage == "instruct")
+    assert ("backbone/model.safetensors" in files) == (stage == "full")
+
+    loaded = ScifmModel.from_pretrained(saved)
+    assert loaded.generate(samples, max_new_tokens=6) == before
+    assert torch.allclose(loaded(loaded.collator()(samples)).head_output, head_before, atol=1e-6)
+
+
+def test_predictor_generate_embed_predict(llama_dir: Path, tmp_path: Path) -> None:
+    model = ScifmModel.from_config(tiny_config(llama_dir, head="regression"))
+    model.save_pretrained(tmp_path / "m")
+    predictor = Predictor(ScifmModel.from_pretrained(tmp_path / "m"), device="cpu", batch_size=2)
+    out = predictor.generate(
+        [PROMPT, PROMPT, "Which is more soluble in water, <mol> or <mol>?"],
+        molecules=["CCO", "c1ccccc1", ["CCO", "CC(=O)[O-].[Na+]"]],
+        max_new_tokens=4,
+    )
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    emb = predictor.embed(molecules=SMILES)
+    assert emb.shape == (3, 32)
+    # an item embeds the same alone and within a batch
+    assert torch.allclose(predictor.embed(molecules=[SMILES[1]])[0], emb[1], atol=1e-5)
+    values = predictor.predict([PROMPT] * 3, molecules=SMILES)
+    assert values.shape == (3, 1)
+    # the numeric head reads the same hidden state whatever the batch's padding
+    assert torch.allclose(predictor.predict([PROMPT], molecules=[SMILES[2]])[0], values[2], atol=1e-5)
+
+
+def test_predictor_errors_name_the_record(llama_dir: Path) -> None:
+    from scifm import InvalidInputError
+
+    predictor = Predictor(ScifmModel.from_config(tiny_config(llama_dir)), device="cpu")
+    with pytest.raises(InvalidInputError, match=r"molecules\[1\].*C1CC"):
+        predictor.generate([PROMPT, PROMPT], molecules=["CCO", "C1CC"])
+    with pytest.raises(InvalidInputError, match=r"prompts\[0\].*2 <mol> placeholder"):
+        predictor.generate(["<mol> or <mol>?"], molecules=["CCO"])
+    with pytest.raises(ValueError, match="2 prompts but 1 entries"):
+        predictor.generate([PROMPT, PROMPT], molecules=["CCO"])
+    with pytest.raises(RuntimeError, match="no numeric head"):
+        predictor.predict([PROMPT], molecules=["CCO"])
+
+
+def test_load_refuses_pickles_and_mismatched_weights(llama_dir: Path, tmp_path: Path) -> None:
+    model = ScifmModel.from_config(tiny_config(llama_dir, stage="align"))
+    saved = model.save_pretrained(tmp_path / "m")
+    (saved / "extra.bin").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match="pickle"):
+        ScifmModel.from_pretrained(saved)
+    (saved / "extra.bin").unlink()
+    meta = json.loads((saved / "config.json").read_text())
+    meta["model"]["encoders"][0]["params"]["hidden_dim"] = 24
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit the configured encoders"):
+        ScifmModel.from_pretrained(saved)
+    with pytest.raises(FileNotFoundError, match="not a saved scifm model"):
+        ScifmModel.from_pretrained(tmp_path)
+
+
+def test_save_is_atomic_and_overwrites(llama_dir: Path, tmp_path: Path) -> None:
+    model = ScifmModel.from_config(tiny_config(llama_dir, stage="align"))
+    target = tmp_path / "m"
+    model.save_pretrained(target)
+    model.save_pretrained(target)  # overwriting keeps one complete directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    ScifmModel.from_pretrained(target)
+
+
+def test_config_checks() -> None:
+    from scifm.config import BackboneConfig, EncoderConfig, HeadConfig, ModelConfig
+
+    with pytest.raises(ValueError, match="one encoder per modality"):
+        ModelConfig(encoders=[EncoderConfig(), EncoderConfig()])
+    with pytest.raises(ValueError, match="lora_dropout"):
+        BackboneConfig(lora_dropout=1.5)
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        ModelConfig(lm_loss_weight=0.0)
+    with pytest.raises(ValueError, match="labels has 2 names"):
+        HeadConfig(kind="regression", num_outputs=1, labels=["a", "b"])
+    from scifm.modalities import build_encoder
+
+    with pytest.raises(ValueError, match=r"unknown molecule encoder kind 'gat'; valid: \['gine'\]"):
+        build_encoder(EncoderConfig(kind="gat"))
