@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from scifm.data_modules.splits import group_split, random_split
 from scifm.errors import InvalidInputError
+from scifm.sampling import GlobalBatchSampler
 from scifm.templates import Template, load_template
 from scifm.tokenization import Sample
 
@@ -122,7 +122,14 @@ class ScifmDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.path, self.val_path, self.test_path, self.predict_path = path, val_path, test_path, predict_path
         self.template: Template = load_template(template)
-        self.split, self.fractions, self.seed = split, tuple(fractions), seed
+        if len(fractions) != 3:
+            raise ValueError(f"fractions must be (train, val, test), got {fractions}")
+        self.split, self.seed = split, seed
+        self.fractions: tuple[float, float, float] = (
+            float(fractions[0]),
+            float(fractions[1]),
+            float(fractions[2]),
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.on_error: OnError = on_error
         self.max_records = max_records
@@ -242,15 +249,36 @@ class ScifmDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split!r} data: give a {split}_path or split the training file")
         assert self.model is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.datasets[split],
+        collate = self.model.collator(for_generation=for_generation)
+        if for_generation:  # Lightning re-samples predict loaders itself (to track indices)
+            return DataLoader(
+                self.datasets[split],
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+            )
+        rank, world = 0, 1
+        if self.trainer is not None and self.trainer.world_size > 1:
+            if self.trainer._accelerator_connector.use_distributed_sampler:
+                raise ValueError(
+                    "scifm's data modules shard batches across processes themselves: "
+                    "set Trainer(use_distributed_sampler=False) (`--trainer.use_distributed_sampler false`)"
+                )
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        sampler = GlobalBatchSampler(
+            len(self.datasets[split]),
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=generator if shuffle else None,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+        return DataLoader(
+            self.datasets[split],
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=self.model.collator(for_generation=for_generation),
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader[Any]:

@@ -78,7 +78,9 @@ class MoleculeDataModule(ScifmDataModule):
         if self.id_column:
             wanted.append(self.id_column)
         check_columns(frame, list(dict.fromkeys(wanted)), source=name)
-        rows = frame.to_dict(orient="records")
+        rows: list[dict[str, Any]] = [
+            {str(k): v for k, v in r.items()} for r in frame.to_dict(orient="records")
+        ]
         records = []
         for i, row in enumerate(rows):
             rid = str(row[self.id_column]) if self.id_column else f"{name}:{i}"

@@ -65,9 +65,7 @@ def random_split(n: int, *, fractions: tuple[float, float, float], seed: int) ->
     )
 
 
-def group_split(
-    groups: Sequence[Hashable], *, fractions: tuple[float, float, float], seed: int
-) -> Split:
+def group_split(groups: Sequence[Hashable], *, fractions: tuple[float, float, float], seed: int) -> Split:
     """Split records so that no group spans two splits ("balanced" group split).
 
     Groups larger than half the target validation or test size come first, largest first;

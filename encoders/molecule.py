@@ -211,8 +211,7 @@ def parse_molecule(value: str | Chem.Mol, *, record: str) -> Chem.Mol:
     if any(ch.isspace() for ch in smiles):
         raise InvalidInputError(
             record,
-            f"the SMILES {_shown(value)} contains whitespace; RDKit would read only the part "
-            "before it",
+            f"the SMILES {_shown(value)} contains whitespace; RDKit would read only the part before it",
         )
     rdBase = require("rdkit.rdBase", extra=_EXTRA)
     blocker = rdBase.BlockLogs()  # RDKit's own stderr logging; our exception carries the reason

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -49,10 +49,12 @@ class ScifmCLI(LightningCLI):
         )
         parser.set_defaults(
             {
+                # scifm's samplers shard global batches by rank themselves (scifm.sampling).
+                "trainer.use_distributed_sampler": False,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
                     "init_args": {"experiment_name": "scifm", "tracking_uri": DEFAULT_TRACKING_URI},
-                }
+                },
             }
         )
 
@@ -67,6 +69,12 @@ class ScifmCLI(LightningCLI):
         return str(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
 
     def before_fit(self) -> None:
+        # Checkpoints beside the saved model, not in Lightning's <experiment>/<run> folders
+        # (save_pretrained replaces output_dir whole, so they may not live inside it).
+        out = self._output_dir()
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(out.with_name(out.name + "_checkpoints"))
         logger = self._mlflow()
         if logger is not None and self.trainer.is_global_zero:
             logger.experiment.log_text(logger.run_id, self._resolved_config(), "config.yaml")
@@ -91,11 +99,17 @@ class ScifmCLI(LightningCLI):
         prompt = "What is the hydration free energy of <mol> in kcal/mol?"
         if isinstance(self.datamodule, ScifmDataModule):
             prompt = self.datamodule.template.prompt
+        examples = {
+            "<mol>": 'molecules=["CCO"]',
+            "<crystal>": "crystals=[structure_or_cif]",
+            "<cell>": "cells=adata[:1]",
+        }
+        items = ", ".join(v for k, v in examples.items() if k in prompt)
         where = f" and logged to MLflow run {logger.run_id}" if logger else ""
         print(
             f"\nscifm: model saved to {target}{where}\nUse it from Python:\n"
             f"    import scifm\n    predictor = scifm.load({str(target)!r})\n"
-            f"    predictor.generate([{prompt!r}], molecules=[\"CCO\"])\n"
+            f"    predictor.generate([{prompt!r}]{', ' + items if items else ''})\n"
         )
 
     def before_predict(self) -> None:

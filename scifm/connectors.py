@@ -91,7 +91,8 @@ class _CrossBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        # No in-projection bias: the key bias has zero gradient (softmax ignores a shift).
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True, bias=False)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, q: Tensor, kv: Tensor, key_padding_mask: Tensor) -> Tensor:

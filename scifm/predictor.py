@@ -73,8 +73,10 @@ class Predictor:
             from scifm.encoders.cell import as_cell_rows
 
             return as_cell_rows(values)
-        if isinstance(values, (str, bytes)):
-            raise TypeError(f"give a list of {modality} items, one per prompt, not a single string")
+        if isinstance(values, (str, bytes, dict)) or type(values).__name__ in {"Structure", "Mol"}:
+            raise TypeError(
+                f"give a list of {modality} items, one per prompt, not a single {type(values).__name__}"
+            )
         return list(values)
 
     def _batches(self, samples: list[Sample]) -> Any:

@@ -86,6 +86,7 @@ def test_fit_records_an_mlflow_run_and_saves_a_loadable_model(
     printed = capsys.readouterr().out
     assert "scifm.load(" in printed and str(out) in printed
     assert (out / "config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "model_checkpoints").glob("*.ckpt"))  # beside the model, not inside it
 
     import mlflow
 

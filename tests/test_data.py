@@ -145,6 +145,7 @@ def test_every_bundled_template_loads() -> None:
     names = [p.name.removesuffix(".yaml") for p in (resources.files("scifm.configs") / "templates").iterdir()]
     assert "freesolv" in names
     for name in names:
-        assert "<" in load_template(name).prompt
+        template = load_template(name)
+        assert template.prompt.strip() and set(template.fields()) >= set(template.targets)
     with pytest.raises(FileNotFoundError, match="neither a file nor a bundled template"):
         load_template("no-such-template")

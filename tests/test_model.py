@@ -223,6 +223,7 @@ def test_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) ->
     from scifm import MissingExtraError
     from scifm.encoders.molecule import MoleculeFeaturizer
 
-    monkeypatch.setitem(sys.modules, "rdkit", None)  # as if rdkit were not installed
+    for name in [m for m in sys.modules if m == "rdkit" or m.startswith("rdkit.")] + ["rdkit"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if rdkit were not installed
     with pytest.raises(MissingExtraError, match=r'pip install "scifm\[molecule\]"'):
         MoleculeFeaturizer()("CCO", record="r0")

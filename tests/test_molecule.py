@@ -414,8 +414,7 @@ def test_scaffold_split_keeps_scaffolds_apart() -> None:
 
 def test_scaffold_split_seeds_differ_and_invalid_smiles_named() -> None:
     splits = {
-        tuple(map(tuple, scaffold_split(SPLIT_SMILES, fractions=(0.6, 0.2, 0.2), seed=s)))
-        for s in range(5)
+        tuple(map(tuple, scaffold_split(SPLIT_SMILES, fractions=(0.6, 0.2, 0.2), seed=s))) for s in range(5)
     }
     assert len(splits) > 1
     with pytest.raises(InvalidInputError, match=r"smiles\[1\]"):

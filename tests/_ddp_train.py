@@ -1,0 +1,68 @@
+"""Train a tiny model on 1 or N CPU processes (DDP, gloo); used by test_distributed.py.
+
+Run as a script, since Lightning's DDP launcher starts the other ranks by running it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config
+
+from scifm.data_modules.molecule import MoleculeDataModule
+from scifm.module import OptimConfig, ScifmModule
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--devices", type=int, required=True)
+    ap.add_argument("--batch_size", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    L.seed_everything(0)
+    torch.use_deterministic_algorithms(True)
+    cfg = tiny_config(Path(args.backbone), head="regression")
+    module = ScifmModule(cfg, OptimConfig(lr=1e-2, warmup_steps=0))
+    template = {"prompt": "Is <mol> soluble?", "answer": "{label}", "targets": ["expt"]}
+    data = MoleculeDataModule(
+        args.data, template=template, fractions=(1.0, 0.0, 0.0), batch_size=args.batch_size, seed=3
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_steps=4,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    if trainer.is_global_zero:
+        trained = {n: p.detach().contiguous() for n, p in module.model.named_parameters() if p.requires_grad}
+        save_file(trained, args.out)
+        # loss of the final model on the whole training set, on one process
+        module.model.eval()
+        collate = module.model.collator()
+        batch = collate(data.datasets["train"].samples)
+        with torch.no_grad():
+            loss = module.model(batch).loss
+        assert loss is not None
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"loss": float(loss)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""DDP on 2 CPU processes (gloo) gives the single-process result for the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from scifm.sampling import GlobalBatchSampler
+
+SCRIPT = Path(__file__).with_name("_ddp_train.py")
+SMILES = [
+    "CCO",
+    "c1ccccc1",
+    "c1ccccc1O",
+    "Cc1ccccc1",
+    "CC(=O)O",
+    "C1CCCCC1",
+    "OC1CCCCC1",
+    "CCCC",
+    "c1ccncc1",
+    "CC(C)O",
+    "c1ccc2ccccc2c1",
+    "CCN",
+    "CCCl",
+    "OCCO",
+    "CC#N",
+    "NC(=O)N",
+]
+
+
+def _run(tmp_path: Path, backbone: Path, data: Path, *, devices: int, batch_size: int) -> tuple[dict, float]:
+    out = tmp_path / f"weights-{devices}.safetensors"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--backbone",
+        str(backbone),
+        "--data",
+        str(data),
+        "--devices",
+        str(devices),
+        "--batch_size",
+        str(batch_size),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(out)), json.loads(out.with_suffix(".json").read_text())["loss"]
+
+
+def test_ddp_two_processes_match_one_process(llama_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "mols.csv"
+    rows = [(s, float(i % 5) - 2.0, "yes" if i % 2 else "no") for i, s in enumerate(SMILES)]
+    pd.DataFrame(rows, columns=["smiles", "expt", "label"]).to_csv(data, index=False)
+    single, loss_single = _run(tmp_path, llama_dir, data, devices=1, batch_size=4)
+    ddp, loss_ddp = _run(tmp_path, llama_dir, data, devices=2, batch_size=2)
+    assert single.keys() == ddp.keys() and single
+    for name, value in single.items():
+        assert torch.allclose(value, ddp[name], atol=2e-5, rtol=1e-4), name
+    assert abs(loss_single - loss_ddp) < 1e-5
+    # and training did something
+    assert any(float(v.abs().sum()) > 0 for n, v in single.items() if "lora_B" in n)
+
+
+def test_global_batches_are_the_same_for_any_world_size() -> None:
+    one = list(GlobalBatchSampler(10, batch_size=4, shuffle=True, seed=1))
+    ranks = [
+        list(GlobalBatchSampler(10, batch_size=2, shuffle=True, seed=1, rank=r, world_size=2)) for r in (0, 1)
+    ]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == one
+    assert sorted({i for batch in one for i in batch}) == list(range(10))
+    sampler = GlobalBatchSampler(10, batch_size=4, shuffle=True, seed=1)
+    sampler.set_epoch(1)
+    assert list(sampler) != one  # a new order each epoch
+    sampler.load_state_dict({"epoch": 0, "start_batch": 2, "seed": 1})
+    assert list(sampler) == one[2:]
