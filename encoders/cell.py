@@ -676,6 +676,15 @@ def _item_tokens_needed(item: CellItem) -> int:
     return item.num_tokens
 
 
+def _check_sizes(dropout: float, **sizes: int) -> None:
+    """Raise ValueError unless every size is >= 1 and ``dropout`` lies in [0, 1)."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 class CellMLPEncoder(nn.Module):
     r"""An MLP over the whole aligned expression vector, read out as ``K`` tokens.
 
@@ -707,16 +716,9 @@ class CellMLPEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, v in (
-            ("num_genes", num_genes),
-            ("hidden_dim", hidden_dim),
-            ("num_tokens", num_tokens),
-            ("num_layers", num_layers),
-        ):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_sizes(
+            dropout, num_genes=num_genes, hidden_dim=hidden_dim, num_tokens=num_tokens, num_layers=num_layers
+        )
         self.num_genes, self.hidden_dim, self.num_tokens = num_genes, hidden_dim, num_tokens
         self.out_dim: int = hidden_dim
         layers: list[nn.Module] = []
@@ -792,19 +794,16 @@ class CellTransformerEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, v in (
-            ("num_genes", num_genes),
-            ("hidden_dim", hidden_dim),
-            ("top_k", top_k),
-            ("num_layers", num_layers),
-            ("num_heads", num_heads),
-        ):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+        _check_sizes(
+            dropout,
+            num_genes=num_genes,
+            hidden_dim=hidden_dim,
+            top_k=top_k,
+            num_layers=num_layers,
+            num_heads=num_heads,
+        )
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_genes, self.hidden_dim, self.top_k = num_genes, hidden_dim, min(top_k, num_genes)
         self.out_dim: int = hidden_dim
         self.gene_embedding = nn.Embedding(num_genes, hidden_dim)

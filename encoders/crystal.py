@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from scifm._extras import require
+from scifm.encoders._graph import GraphItems
 from scifm.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -419,7 +420,7 @@ class _CGCNNLayer(nn.Module):
         return cast(Tensor, self.dropout(out))
 
 
-class CGCNNEncoder(nn.Module):
+class CGCNNEncoder(GraphItems, nn.Module):
     r"""Crystal graph convolutional network (Xie & Grossman, 2018) over periodic radius graphs.
 
     Atoms are embedded by atomic number; each of the :math:`L` layers applies the gated
@@ -453,6 +454,8 @@ class CGCNNEncoder(nn.Module):
     """
 
     modality = "crystal"
+    item_name = "crystal"
+    extra = _EXTRA
 
     def __init__(
         self,
@@ -522,23 +525,6 @@ class CGCNNEncoder(nn.Module):
         h = self.out_proj(self.final_norm(h))
         tokens, mask = to_dense_batch(h, batch.batch, batch_size=batch.num_graphs)
         return tokens, mask
-
-    @staticmethod
-    def item_tokens(item: Data) -> int:
-        """Number of tokens one featurized crystal yields: the atoms of its cell."""
-        return int(item.num_nodes)
-
-    @staticmethod
-    def collate(items: list[Data]) -> Batch:
-        """Batch featurized crystals (from :class:`CrystalFeaturizer`) for :meth:`forward`.
-
-        Raises:
-            ValueError: ``items`` is empty.
-        """
-        if not items:
-            raise ValueError("collate needs at least one crystal, got an empty list")
-        batch_cls = require("torch_geometric.data", extra=_EXTRA).Batch
-        return batch_cls.from_data_list(items)
 
     def extra_repr(self) -> str:
         return f"hidden_dim={self.hidden_dim}, num_layers={self.num_layers}, out_dim={self.out_dim}"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from scifm._extras import require
+from scifm.encoders._graph import GraphItems
 from scifm.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ class _GINELayer(nn.Module):
         return h + self.dropout(torch.relu(self.norm(update)))
 
 
-class GINEEncoder(nn.Module):
+class GINEEncoder(GraphItems, nn.Module):
     r"""Graph isomorphism network with edge features (GINE) over molecular graphs.
 
     Atom and bond features (from :class:`MoleculeFeaturizer`) are embedded as a sum of one
@@ -390,6 +391,8 @@ class GINEEncoder(nn.Module):
     """
 
     modality = "molecule"
+    item_name = "molecule"
+    extra = _EXTRA
 
     def __init__(self, *, hidden_dim: int = 128, num_layers: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
@@ -432,23 +435,6 @@ class GINEEncoder(nn.Module):
         h = self.final_norm(h)
         tokens, mask = to_dense_batch(h, batch.batch, batch_size=batch.num_graphs)
         return tokens, mask
-
-    @staticmethod
-    def item_tokens(item: Data) -> int:
-        """Number of tokens one featurized molecule yields: its number of atoms."""
-        return int(item.num_nodes)
-
-    @staticmethod
-    def collate(items: list[Data]) -> Batch:
-        """Batch featurized molecules (from :class:`MoleculeFeaturizer`) for :meth:`forward`.
-
-        Raises:
-            ValueError: ``items`` is empty.
-        """
-        if not items:
-            raise ValueError("collate needs at least one molecule, got an empty list")
-        batch_cls = require("torch_geometric.data", extra=_EXTRA).Batch
-        return batch_cls.from_data_list(items)
 
     def extra_repr(self) -> str:
         return f"hidden_dim={self.hidden_dim}, num_layers={self.num_layers}"
