@@ -9,15 +9,19 @@ and serves DataLoaders whose collation (tokenization, graph batching) runs in th
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from scifm import __version__
+from scifm.cache import CachedSamples, cache_key, default_cache_dir, file_digest, read_cache, write_cache
 from scifm.data_modules.splits import group_split, random_split
 from scifm.errors import InvalidInputError
 from scifm.sampling import GlobalBatchSampler
@@ -61,6 +65,20 @@ class SkipReport:
         if len(self.examples) < 5:
             self.examples.append(str(error))
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "skipped": self.skipped,
+            "reasons": dict(self.reasons),
+            "examples": list(self.examples),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SkipReport:
+        return cls(
+            data["total"], data["skipped"], collections.Counter(data["reasons"]), list(data["examples"])
+        )
+
     def summary(self, source: str) -> str:
         if not self.skipped:
             return f"{source}: all {self.total} records used"
@@ -80,6 +98,10 @@ class SampleDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
 
+    def text_lengths(self) -> list[int]:
+        """Characters of prompt + answer per sample: a cheap proxy of token length for batching."""
+        return [len(s.prompt) + len(s.answer or "") for s in self.samples]
+
 
 class ScifmDataModule(L.LightningDataModule):
     """Base class; subclasses implement :meth:`read_records`.
@@ -97,6 +119,13 @@ class ScifmDataModule(L.LightningDataModule):
         on_error: "raise" stops at the first bad record with :class:`InvalidInputError`;
             "skip" drops it and counts it in a report printed at the end of setup (default: "raise").
         max_records: read only the first N records of each file (default: all).
+        cache: keep featurized samples on disk, keyed by the file's content, the model's
+            featurizer settings, the template and these reading options, so a later run (or
+            another rank) does not featurize again (default: True). See :mod:`scifm.cache`.
+        cache_dir: where (default: ``$SCIFM_CACHE`` or ``~/.cache/scifm/features``).
+        group_by_length: batch training samples of similar text length together, in a seeded
+            random order, so padding does not dominate (default: False). See
+            :class:`~scifm.sampling.GlobalBatchSampler`.
     """
 
     def __init__(
@@ -114,6 +143,9 @@ class ScifmDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_error: OnError = "raise",
         max_records: int | None = None,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
@@ -133,8 +165,12 @@ class ScifmDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.on_error: OnError = on_error
         self.max_records = max_records
+        self.cache = cache
+        self.group_by_length = group_by_length
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self._digests: dict[str, str] = {}
         self.model: ScifmModel | None = None
-        self.datasets: dict[str, SampleDataset] = {}
+        self.datasets: dict[str, SampleDataset | CachedSamples] = {}
         self.reports: dict[str, SkipReport] = {}
         self.classes: list[str] = list(self.template.classes)
 
@@ -182,13 +218,17 @@ class ScifmDataModule(L.LightningDataModule):
             }
         if self.template.label is not None and not self.classes:
             self.classes = sorted({str(r.row[self.template.label]) for r in parts["train"]})
+        paths = {"train": self.path, "val": self.val_path or self.path, "test": self.test_path or self.path}
         for name, recs in parts.items():
-            self.datasets[name] = SampleDataset(self._samples(recs, source=f"{name} ({len(recs)} records)"))
+            self.datasets[name] = self._samples(
+                recs, source=f"{name} ({len(recs)} records)", path=paths[name]
+            )
         if self.predict_path:
-            self.datasets["predict"] = SampleDataset(
-                self._samples(
-                    self._read(self.predict_path, need_answer=False), source="predict", need_answer=False
-                )
+            self.datasets["predict"] = self._samples(
+                self._read(self.predict_path, need_answer=False),
+                source="predict",
+                need_answer=False,
+                path=self.predict_path,
             )
         sizes = {k: len(v) for k, v in self.datasets.items()}
         rank_zero_info(f"scifm data: {sizes} samples")
@@ -198,7 +238,30 @@ class ScifmDataModule(L.LightningDataModule):
         records = self.read_records(path, columns=template.fields())
         return records[: self.max_records] if self.max_records is not None else records
 
-    def _samples(self, records: Sequence[Record], *, source: str, need_answer: bool = True) -> list[Sample]:
+    def _samples(
+        self, records: Sequence[Record], *, source: str, path: str, need_answer: bool = True
+    ) -> SampleDataset | CachedSamples:
+        """Featurize and check ``records`` (read from ``path``), through the cache when on.
+
+        Under several processes rank 0 featurizes and writes the cache while the others wait,
+        then every rank reads it.
+        """
+        key = self._cache_key(records, path=path, need_answer=need_answer) if self.cache else None
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if key is not None and distributed and self.trainer is not None:
+            if self.trainer.is_global_zero and read_cache(self.cache_dir, key) is None:
+                self._featurize(records, source=source, need_answer=need_answer, key=key)
+            self.trainer.strategy.barrier("scifm-featurization-cache")
+        entry = read_cache(self.cache_dir, key) if key is not None else None
+        if entry is None:
+            return self._featurize(records, source=source, need_answer=need_answer, key=key)
+        report = SkipReport.from_dict(entry.report)
+        self._report(report, source, cached=True)
+        return CachedSamples(entry)
+
+    def _featurize(
+        self, records: Sequence[Record], *, source: str, need_answer: bool, key: str | None
+    ) -> SampleDataset:
         assert self.model is not None
         processor = self.model.processor()
         report = SkipReport(total=len(records))
@@ -213,12 +276,46 @@ class ScifmDataModule(L.LightningDataModule):
                 report.add(err)
                 continue
             samples.append(sample)
+        self._report(report, source, cached=False)
+        if key is not None and not write_cache(self.cache_dir, key, samples, report=report.to_dict()):
+            log.info("%s: items of this data set are not cacheable; featurized in memory only", source)
+        return SampleDataset(samples)
+
+    def _report(self, report: SkipReport, source: str, *, cached: bool) -> None:
         self.reports[source] = report
-        message = report.summary(source)
+        message = report.summary(source) + (" (featurized earlier: read from the cache)" if cached else "")
         (rank_zero_warn if report.skipped else rank_zero_info)(message)
-        if not samples and records:
+        if report.total and report.skipped == report.total:
             raise InvalidInputError(source, "every record was skipped; see the report above")
-        return samples
+
+    def _cache_key(self, records: Sequence[Record], *, path: str, need_answer: bool) -> str:
+        """Everything the featurized samples depend on: the file's bytes, which records (ids, in
+        order), the model's featurizers and text settings, the template and reading options."""
+        assert self.model is not None
+        if path not in self._digests:
+            self._digests[path] = file_digest(path) if Path(path).exists() else f"name:{path}"
+        options = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_")
+            and k not in {"batch_size", "num_workers", "cache", "cache_dir", "trainer", "model", "datasets"}
+            and isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+        }
+        cfg = self.model.config
+        return cache_key(
+            {
+                "scifm": __version__,
+                "class": f"{type(self).__module__}.{type(self).__qualname__}",
+                "file": self._digests[path],
+                "records": hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest(),
+                "featurizers": {m: f.config() for m, f in self.model.featurizers.items()},
+                "text": [asdict(cfg.backbone), asdict(cfg.connector), len(self.model.tokenizer)],
+                "template": asdict(self.template),
+                "need_answer": need_answer,
+                "classes": self.classes,
+                "options": options,
+            }
+        )
 
     def _sample(self, rec: Record, *, need_answer: bool) -> Sample:
         assert self.model is not None
@@ -272,7 +369,13 @@ class ScifmDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            lengths=self.datasets[split].text_lengths() if self.group_by_length and shuffle else None,
         )
+        if split == "train":  # its position goes into checkpoints (state_dict)
+            if self._resume_position is not None:
+                sampler.skip_to(*self._resume_position)
+                self._resume_position = None
+            self._train_sampler = sampler
         return DataLoader(
             self.datasets[split],
             batch_sampler=sampler,
@@ -280,6 +383,40 @@ class ScifmDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,
         )
+
+    # -- exact resume ---------------------------------------------------------------------------
+    # Set by _loader / load_state_dict (class-level defaults keep __init__ untouched).
+    _train_sampler: GlobalBatchSampler | None = None
+    _resume_position: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved in Lightning checkpoints: the sampler's epoch and
+        the global batches of it that the training loop has *consumed* (finished training
+        steps), not those the DataLoader's workers have already prefetched."""
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker
+        consumed = int(getattr(progress, "processed"))  # noqa: B009
+        epoch = sampler.epoch
+        if consumed >= sampler.num_global_batches():
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "batches_consumed": consumed, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where :meth:`state_dict` left it (Lightning calls this
+        before it builds the training DataLoader)."""
+        if not state_dict:
+            return
+        if int(state_dict["seed"]) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data order was drawn with data seed {state_dict['seed']}, this run "
+                f"uses {self.seed}: resume with the same data.seed"
+            )
+        self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+        if self._train_sampler is not None:  # the loader exists already
+            self._train_sampler.skip_to(*self._resume_position)
+            self._resume_position = None
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader("train", shuffle=True)

@@ -358,31 +358,10 @@ class CellDataModule(ScifmDataModule):
         streaming: bool = False,
         block_size: int = 1024,
         buffer_blocks: int = 4,
-        val_path: str | None = None,
-        test_path: str | None = None,
-        predict_path: str | None = None,
         split: str = "random",
-        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_error: OnError = "raise",
-        max_records: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            template=template,
-            val_path=val_path,
-            test_path=test_path,
-            predict_path=predict_path,
-            split=split,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_error=on_error,
-            max_records=max_records,
-        )
+        super().__init__(path, template=template, split=split, **kwargs)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if split == "group" and group_column is None:
@@ -584,30 +563,16 @@ class DrugResponseDataModule(CellDataModule):
         cell_line_column: str = "cell_line",
         top_genes: int = 5,
         id_column: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
         split: str = "random",
-        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_error: OnError = "raise",
-        max_records: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             path,
             template=template,
             id_column=id_column,
-            val_path=val_path,
-            test_path=test_path,
             split=split if split != "drug" else "group",
             group_column=smiles_column if split == "drug" else None,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_error=on_error,
-            max_records=max_records,
+            **kwargs,
         )
         if top_genes < 1:
             raise ValueError(f"top_genes must be >= 1, got {top_genes}")

@@ -33,7 +33,7 @@ from typing import Any
 
 from scifm._extras import require
 from scifm.config import PLACEHOLDERS
-from scifm.data_modules.base import OnError, Record, ScifmDataModule
+from scifm.data_modules.base import Record, ScifmDataModule
 from scifm.data_modules.readers import check_columns, read_table
 from scifm.errors import InvalidInputError
 from scifm.tokenization import Sample
@@ -183,31 +183,9 @@ class CrystalDataModule(ScifmDataModule):
         format: str = "auto",
         min_distance: float = 0.5,
         cif_symprec: float | None = 0.1,
-        val_path: str | None = None,
-        test_path: str | None = None,
-        predict_path: str | None = None,
-        split: str = "random",
-        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_error: OnError = "raise",
-        max_records: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            template=template,
-            val_path=val_path,
-            test_path=test_path,
-            predict_path=predict_path,
-            split=split,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_error=on_error,
-            max_records=max_records,
-        )
+        super().__init__(path, template=template, **kwargs)
         formats = ("auto", "csv", "tsv", "jsonl", "json", "parquet")
         if format not in formats:
             raise ValueError(f"unknown format {format!r}; valid: {list(formats)}")
@@ -217,7 +195,7 @@ class CrystalDataModule(ScifmDataModule):
                 f"the template prompt has {crystals} {_CRYSTAL} placeholders; CrystalDataModule "
                 "reads one structure per record"
             )
-        if split == "prototype" and prototype_column is None and path != AFLOW_PROTOTYPES:
+        if self.split == "prototype" and prototype_column is None and path != AFLOW_PROTOTYPES:
             raise ValueError('split="prototype" needs prototype_column (AFLOW prototypes excepted)')
         self.structure_column = structure_column
         self.structure_dir = structure_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from scifm.data_modules.base import OnError, Record, ScifmDataModule
+from scifm.data_modules.base import Record, ScifmDataModule
 from scifm.data_modules.readers import check_columns, read_table
 from scifm.data_modules.splits import murcko_scaffold
 from scifm.errors import InvalidInputError
@@ -37,31 +37,9 @@ class MoleculeDataModule(ScifmDataModule):
         molecule_columns: str | list[str] = "smiles",
         id_column: str | None = None,
         format: str = "auto",
-        val_path: str | None = None,
-        test_path: str | None = None,
-        predict_path: str | None = None,
-        split: str = "random",
-        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        on_error: OnError = "raise",
-        max_records: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            path,
-            template=template,
-            val_path=val_path,
-            test_path=test_path,
-            predict_path=predict_path,
-            split=split,
-            fractions=fractions,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            on_error=on_error,
-            max_records=max_records,
-        )
+        super().__init__(path, template=template, **kwargs)
         self.molecule_columns = (
             [molecule_columns] if isinstance(molecule_columns, str) else list(molecule_columns)
         )

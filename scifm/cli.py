@@ -9,15 +9,27 @@ predictions as JSON lines.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from scifm.data_modules.base import ScifmDataModule
+from scifm.distributed import save_pretrained_from
 from scifm.module import ScifmModule
+from scifm.resume import (
+    SIGTERM_EXIT_CODE,
+    CheckpointOnSigterm,
+    StepSeeder,
+    tracking_server_reachable,
+    use_atomic_checkpoint_io,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 
@@ -55,8 +67,23 @@ class ScifmCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
                     "init_args": {"experiment_name": "scifm", "tracking_uri": DEFAULT_TRACKING_URI},
                 },
+                # a NaN-free default; a config's own trainer.gradient_clip_val wins
+                "trainer.gradient_clip_val": 1.0,
             }
         )
+        # Periodic checkpoints, configurable as `checkpoint: {every_n_train_steps: N, ...}`;
+        # save_last keeps `--ckpt_path last` working. Dropped under enable_checkpointing: false.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        callbacks = [*callbacks, StepSeeder(), CheckpointOnSigterm()]
+        _fall_back_from_unreachable_tracking(config.get("logger"))
+        trainer = super()._instantiate_trainer(config, callbacks)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
 
     def _mlflow(self) -> MLFlowLogger | None:
         logger = self.trainer.logger
@@ -80,10 +107,12 @@ class ScifmCLI(LightningCLI):
             logger.experiment.log_text(logger.run_id, self._resolved_config(), "config.yaml")
 
     def after_fit(self) -> None:
+        assert isinstance(self.model, ScifmModule)
+        # every rank: under FSDP/DeepSpeed the full weights are gathered first
+        saved = save_pretrained_from(self.trainer, self.model, str(self._output_dir()))
         if not self.trainer.is_global_zero:
             return
-        assert isinstance(self.model, ScifmModule)
-        target = self.model.save_pretrained(str(self._output_dir()))
+        target = Path(saved)
         (target / "training_config.yaml").write_text(self._resolved_config())
         logger = self._mlflow()
         if logger is not None:
@@ -120,17 +149,46 @@ class ScifmCLI(LightningCLI):
         print(f"scifm: predictions written to {self._output_dir() / 'predictions.jsonl'}")
 
 
+def _fall_back_from_unreachable_tracking(loggers: Any) -> None:
+    """Point MLflow loggers whose ``http(s)://`` server does not answer at the local store.
+
+    A tracking server that is down must not cost a training run: the run warns and records its
+    params, metrics and model in ``sqlite:///mlruns.db`` (``./mlruns``) instead. Called before
+    the logger first talks to its server.
+    """
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(logger, MLFlowLogger):
+            continue
+        uri = str(getattr(logger, "_tracking_uri", "") or "")
+        if tracking_server_reachable(uri):
+            continue
+        rank_zero_warn(
+            f"scifm: the MLflow tracking server {uri} does not answer; this run is tracked in the local "
+            f"store {DEFAULT_TRACKING_URI} instead (copy it over later with mlflow's export tools)"
+        )
+        from mlflow.tracking import MlflowClient
+
+        logger._tracking_uri = DEFAULT_TRACKING_URI
+        logger._mlflow_client = MlflowClient(DEFAULT_TRACKING_URI)
+        logger._run_id = None  # a server run id means nothing to the local store: start a new run
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``scifm`` console script."""
-    ScifmCLI(
-        ScifmModule,
-        ScifmDataModule,
-        subclass_mode_data=True,
-        # LightningCLI's SaveConfigCallback needs a logger with a local log_dir; the resolved
-        # config is logged to MLflow and written next to the saved model instead.
-        save_config_callback=None,
-        args=args,
-    )
+    try:
+        ScifmCLI(
+            ScifmModule,
+            ScifmDataModule,
+            subclass_mode_data=True,
+            # LightningCLI's SaveConfigCallback needs a logger with a local log_dir; the resolved
+            # config is logged to MLflow and written next to the saved model instead.
+            save_config_callback=None,
+            args=args,
+        )
+    except SIGTERMException:
+        # Lightning stopped after the step in flight and CheckpointOnSigterm saved last.ckpt.
+        print("scifm: stopped by SIGTERM; resume with the same command and --ckpt_path last", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

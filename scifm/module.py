@@ -11,7 +11,11 @@ import lightning as L
 import torch
 
 from scifm.config import ModelConfig
-from scifm.model import ScifmModel
+from scifm.model import ScifmModel, ScifmOutput
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss was NaN/Inf for ``optim.max_bad_steps`` steps in a row."""
 
 
 @dataclass
@@ -23,6 +27,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    max_bad_steps: int = 10
+    """A step whose loss is NaN/Inf is skipped (no update); this many in a row stop training."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -31,6 +37,8 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"optim.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
 class ScifmModule(L.LightningModule):
@@ -46,7 +54,8 @@ class ScifmModule(L.LightningModule):
             backbone comes from ``model.backbone``; the encoders must be configured alike.
 
     Logged: ``train/loss``, ``train/lm_loss``, ``train/perplexity``, ``train/head_loss``,
-    ``train/lr``, ``train/tokens_per_s``, and the same losses under ``val/`` and ``test/``.
+    ``train/lr``, ``train/tokens_per_s``, ``train/skipped_steps`` (steps skipped for a NaN/Inf
+    loss, see :meth:`training_step`), and the same losses under ``val/`` and ``test/``.
     Hyperparameters are kept as plain data so checkpoints load under ``weights_only=True``.
     """
 
@@ -71,13 +80,26 @@ class ScifmModule(L.LightningModule):
         # HF models come out of from_pretrained in eval mode; dropout in adapters must train.
         self.model.train()
         self._step_start = 0.0
+        self._bad_steps = 0  # consecutive non-finite training losses
+        self._skipped_steps = 0
+        self._skip_update = False
+        self._sharded = False
 
     # -- steps ---------------------------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], split: str) -> torch.Tensor:
+        out = self._forward(batch)
+        assert out.loss is not None
+        self._log_losses(out, split, batch["input_ids"].shape[0])
+        return out.loss
+
+    def _forward(self, batch: dict[str, Any]) -> ScifmOutput:
         out = self.model(batch)
         if out.loss is None:
             raise RuntimeError("batch had neither answer tokens nor head targets: nothing to learn from")
-        bs = batch["input_ids"].shape[0]
+        return out
+
+    def _log_losses(self, out: ScifmOutput, split: str, bs: int) -> None:
+        assert out.loss is not None
         on_step = split == "train"
         self.log(f"{split}/loss", out.loss, batch_size=bs, on_step=on_step, on_epoch=True, prog_bar=True)
         if out.lm_loss is not None:
@@ -91,15 +113,48 @@ class ScifmModule(L.LightningModule):
             )
         if out.head_loss is not None:
             self.log(f"{split}/head_loss", out.head_loss, batch_size=bs, on_step=on_step, on_epoch=True)
-        return out.loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """The step's loss; ``None`` (single process) when it is NaN/Inf, so nothing is updated.
+
+        A non-finite loss on any rank skips the step on every rank: each rank learns of it
+        (``reduce_boolean_decision``), and under several processes backward still runs on a
+        zero loss (DDP/FSDP need every rank's backward) while :meth:`on_before_optimizer_step`
+        drops the gradients, so the optimizer leaves the weights and its moments as they were.
+        ``optim.max_bad_steps`` such steps in a row raise :class:`NonFiniteLossError`.
+        """
+        out = self._forward(batch)
+        assert out.loss is not None
+        finite = bool(torch.isfinite(out.loss.detach()).item())
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._skip_update = not finite
+        if not finite:
+            self._bad_steps += 1
+            self._skipped_steps += 1
+            self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, batch_size=1)
+            if self._bad_steps >= self.optim_config.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"the training loss was NaN/Inf for {self._bad_steps} steps in a row (up to global step "
+                    f"{self.trainer.global_step}; {self._skipped_steps} skipped in all), so training stopped "
+                    f"(optim.max_bad_steps={self.optim_config.max_bad_steps}). Lower optim.lr, keep "
+                    "gradient clipping on (trainer.gradient_clip_val), check the data for NaN/Inf targets, "
+                    "or resume from the last checkpoint with --ckpt_path last"
+                )
+            if self.trainer.world_size > 1:
+                return out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            return None
+        self._bad_steps = 0
+        self._log_losses(out, "train", batch["input_ids"].shape[0])
+        self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, batch_size=1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
-        return loss
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:  # a non-finite step under several processes: drop its gradients
+            optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
@@ -156,6 +211,28 @@ class ScifmModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Shard with FSDP2 under Lightning's ``ModelParallelStrategy`` (see ``configs/trainer/fsdp.yaml``).
+
+        Each backbone decoder layer (the classes its ``_no_split_modules`` names), each encoder
+        and each connector becomes a ``fully_shard`` unit, then the whole model. With the
+        strategy's default mesh ``(nodes, devices per node)`` this is hybrid sharding: shards
+        within a node, replicas across nodes. Other strategies leave the model as it is.
+        """
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        from scifm.distributed import wrap_classes
+
+        units, _ = wrap_classes(self)
+        for module in list(self.model.modules()):
+            if type(module) in units and module is not self.model:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded = True
 
     def save_pretrained(self, directory: str) -> Any:
         return self.model.save_pretrained(directory)

@@ -88,6 +88,7 @@ class PromptProcessor:
         self.max_length = max_length
         self._pattern = re.compile("|".join(re.escape(t) for t in placeholders.values()))
         self._modality_of = {t: m for m, t in placeholders.items()}
+        self._prompt_cache: dict[str, list[int]] = {}
 
     # -- single sample -------------------------------------------------------------------
     def placeholders_in(self, text: str) -> list[str]:
@@ -123,12 +124,21 @@ class PromptProcessor:
             return text
         return prompt + "\n"
 
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the templated prompt, memoized: data sets repeat a few prompts many
+        times, and rendering the chat template is the slow part of tokenization."""
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            text = self.prompt_text(prompt)
+            ids = list(self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"])
+            if len(self._prompt_cache) < 4096:
+                self._prompt_cache[prompt] = ids
+        return ids
+
     def encode(self, sample: Sample) -> dict[str, list[int]]:
         """Return ``input_ids`` and ``labels`` (``-100`` outside the answer) for one sample."""
         self.check_items(sample)
-        raw = self.tokenizer(self.prompt_text(sample.prompt), add_special_tokens=not self.use_chat_template)[
-            "input_ids"
-        ]
+        raw = self._prompt_ids(sample.prompt)
         prompt_ids: list[int] = []
         cursor = {m: 0 for m in self.placeholders}
         id_to_modality = {i: m for m, i in self.placeholder_ids.items()}

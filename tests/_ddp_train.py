@@ -18,7 +18,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config
 
 from scifm.data_modules.molecule import MoleculeDataModule
+from scifm.model import ScifmModel
 from scifm.module import OptimConfig, ScifmModule
+
+
+def _strategy(name: str) -> object:
+    if name == "fsdp":  # FSDP2 through configure_model; runs on CPU with gloo
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy()
+    return name
 
 
 def main() -> None:
@@ -28,6 +37,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--batch_size", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--save_dir", default=None)
     args = ap.parse_args()
 
     L.seed_everything(0)
@@ -41,7 +52,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=_strategy(args.strategy) if args.devices > 1 else "auto",
         max_steps=4,
         use_distributed_sampler=False,
         logger=False,
@@ -50,16 +61,22 @@ def main() -> None:
         enable_model_summary=False,
         limit_val_batches=0,
     )
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     trainer.fit(module, datamodule=data)
+    if args.save_dir:
+        from scifm.distributed import save_pretrained_from
+
+        save_pretrained_from(trainer, module, args.save_dir)  # every rank: gathers sharded weights
     if trainer.is_global_zero:
-        trained = {n: p.detach().contiguous() for n, p in module.model.named_parameters() if p.requires_grad}
+        model = ScifmModel.from_pretrained(args.save_dir) if args.save_dir else module.model
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in trainable}
         save_file(trained, args.out)
         # loss of the final model on the whole training set, on one process
-        module.model.eval()
-        collate = module.model.collator()
+        model.eval()
+        collate = model.collator()
         batch = collate(data.datasets["train"].samples)
         with torch.no_grad():
-            loss = module.model(batch).loss
+            loss = model(batch).loss
         assert loss is not None
         Path(args.out).with_suffix(".json").write_text(json.dumps({"loss": float(loss)}))
 

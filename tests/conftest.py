@@ -116,3 +116,11 @@ def tiny_config(
 
 
 SMILES = ["CCO", "c1ccccc1O", "C[N+](C)(C)C.[Cl-]"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _featurization_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the featurization cache of test runs out of the user's ~/.cache."""
+    import os
+
+    os.environ["SCIFM_CACHE"] = str(tmp_path_factory.mktemp("scifm-cache"))

@@ -144,3 +144,8 @@ def test_every_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", str(path), "--print_config"])
         assert exit_info.value.code == 0, path
+    quickstart = str(REPO / "configs" / "quickstart.yaml")
+    for preset in sorted((REPO / "configs" / "trainer").glob("*.yaml")):  # presets stack on a task config
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", quickstart, "--config", str(preset), "--print_config"])
+        assert exit_info.value.code == 0, preset

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,8 +36,11 @@ SMILES = [
 ]
 
 
-def _run(tmp_path: Path, backbone: Path, data: Path, *, devices: int, batch_size: int) -> tuple[dict, float]:
-    out = tmp_path / f"weights-{devices}.safetensors"
+def _run(
+    tmp_path: Path, backbone: Path, data: Path, *, devices: int, batch_size: int, strategy: str = "ddp"
+) -> tuple[dict, float]:
+    """Train in a subprocess, save with save_pretrained_from, and return the reloaded weights + loss."""
+    out = tmp_path / f"weights-{strategy}-{devices}.safetensors"
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -51,18 +55,26 @@ def _run(tmp_path: Path, backbone: Path, data: Path, *, devices: int, batch_size
         str(batch_size),
         "--out",
         str(out),
+        "--strategy",
+        strategy,
+        "--save_dir",
+        str(tmp_path / f"saved-{strategy}-{devices}"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out)), json.loads(out.with_suffix(".json").read_text())["loss"]
 
 
-def test_ddp_two_processes_match_one_process(llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(strategy: str, llama_dir: Path, tmp_path: Path) -> None:
+    """DDP, and FSDP2 (ModelParallelStrategy + configure_model), on 2 CPU processes (gloo):
+    same weights and loss as one process with the same global batch; the sharded run's
+    weights are gathered into a directory that loads on a single device."""
     data = tmp_path / "mols.csv"
     rows = [(s, float(i % 5) - 2.0, "yes" if i % 2 else "no") for i, s in enumerate(SMILES)]
     pd.DataFrame(rows, columns=["smiles", "expt", "label"]).to_csv(data, index=False)
     single, loss_single = _run(tmp_path, llama_dir, data, devices=1, batch_size=4)
-    ddp, loss_ddp = _run(tmp_path, llama_dir, data, devices=2, batch_size=2)
+    ddp, loss_ddp = _run(tmp_path, llama_dir, data, devices=2, batch_size=2, strategy=strategy)
     assert single.keys() == ddp.keys() and single
     for name, value in single.items():
         assert torch.allclose(value, ddp[name], atol=2e-5, rtol=1e-4), name

@@ -1,0 +1,79 @@
+"""Distributed training helpers: which modules FSDP shards (read from the model, not guessed
+from its name), and gathering full weights from a sharded run so that ``save_pretrained``
+works as usual.
+
+Lightning is the distributed engine; nothing here launches processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from torch import nn
+
+
+def wrap_classes(module: nn.Module) -> tuple[set[type[nn.Module]], set[type[nn.Module]]]:
+    """``(units, decoder_layers)``: module classes to shard as FSDP units.
+
+    Decoder layers are the classes a Hugging Face model lists in ``_no_split_modules``
+    (``LlamaDecoderLayer``, ``GPT2Block``, ...), so no model name is guessed. Units add the
+    scifm encoders and connectors, each its own unit.
+    """
+    from transformers import PreTrainedModel
+
+    names: set[str] = set()
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            names |= set(m._no_split_modules or [])
+    decoder = {type(m) for m in module.modules() if type(m).__name__ in names}
+    if not decoder:
+        raise ValueError(
+            "found no decoder layer class to wrap: the backbone declares no _no_split_modules; "
+            "pass auto_wrap_policy to the strategy explicitly"
+        )
+    units = set(decoder)
+    scifm_model = getattr(module, "model", None)  # the ScifmModule's ScifmModel, when given one
+    if scifm_model is not None and hasattr(scifm_model, "encoders"):
+        units |= {type(m) for m in scifm_model.encoders.values()}
+        units |= {type(m) for m in scifm_model.connectors.values()}
+    return units, decoder
+
+
+def is_sharded(strategy: Strategy) -> bool:
+    """True when parameters are split across ranks, so weights must be gathered to save them."""
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy))
+
+
+def save_pretrained_from(trainer: Any, module: Any, directory: str) -> Any:
+    """Save a trained :class:`~scifm.module.ScifmModule` with ``save_pretrained``, whatever the strategy.
+
+    Call it on every rank. Under FSDP or DeepSpeed the full weights are gathered first (a
+    collective), loaded into a fresh single-device model on rank 0 and saved from there, so the
+    directory loads with ``scifm.load`` like any other. Returns the directory on rank 0, else None.
+    """
+    from scifm.model import ScifmModel
+
+    if is_sharded(trainer.strategy):
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(module, options=options)  # collective
+        else:
+            state = trainer.strategy.lightning_module_state_dict()
+        if not trainer.is_global_zero:
+            return None
+        fresh = ScifmModel.from_config(module.model_config)
+        fresh.featurizers = module.model.featurizers  # settings learned from data (gene lists)
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        result = fresh.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(
+                f"gathered weights do not fit a fresh model: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        return fresh.save_pretrained(directory)
+    if not trainer.is_global_zero:
+        return None
+    return module.save_pretrained(directory)
