@@ -165,49 +165,11 @@ class RssSampler:
 
 
 def make_tiny_backbone(directory: Path) -> Path:
-    """A 2-layer random Llama (hidden 32) with a BPE tokenizer trained in place, as tests/conftest.py
-    builds it; saved to ``directory`` and loaded back through ``from_pretrained`` like any model."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A 2-layer random Llama (hidden 32) with a BPE tokenizer trained in place (``scifm.testing``),
+    saved to ``directory`` and loaded back through ``from_pretrained`` like any model."""
+    from scifm.testing import make_backbone
 
-    corpus = [
-        "What is the hydration free energy of this molecule in kcal/mol?",
-        "The hydration free energy is -3.25 kcal/mol. Which is more soluble in water?",
-        "What is the cell type of this cell? T cell B cell NK cell monocyte",
-        "0 1 2 3 4 5 6 7 8 9 . - yes no first second molecule crystal cell",
-    ]
-    torch.manual_seed(0)
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus * 5, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return make_backbone(directory)
 
 
 def check_not_shadowed() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import train_steps
 
 from scifm.config import BackboneConfig, ConnectorConfig, EncoderConfig, HeadConfig, ModelConfig
 from scifm.data_modules.cell import CellDataModule, CellStream, DrugResponseDataModule, drug_response_r2
@@ -82,21 +83,6 @@ def cell_config(
         stage=stage,  # type: ignore[arg-type]
         lm_loss_weight=lm_loss_weight,
     )
-
-
-def train(model: ScifmModel, batches: list[dict[str, Any]], *, steps: int, lr: float = 1e-2) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for step in range(steps):
-        out = model(batches[step % len(batches)])
-        assert out.loss is not None
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-    model.eval()
-    return losses
 
 
 @pytest.fixture
@@ -348,7 +334,7 @@ def test_cell_type_classification_and_gene_order_invariant_predict(
     assert dm.classes == ["B cell", "T cell"]
     train_donors = {s.id for s in dm.datasets["train"].samples}
     assert len(train_donors) == 12 and not train_donors & {s.id for s in dm.datasets["test"].samples}
-    losses = train(model, list(dm.train_dataloader()), steps=40, lr=3e-3)
+    losses = train_steps(model, list(dm.train_dataloader()), steps=40, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0], losses
 
     saved = model.save_pretrained(tmp_path / "model")
@@ -577,7 +563,7 @@ def test_drug_response_training_beats_no_change(llama_dir: Path, tmp_path: Path)
         and len(first.items["cell"]) == len(first.items["molecule"]) == 1
     )
 
-    train(model, list(dm.train_dataloader()), steps=30, lr=3e-3)
+    train_steps(model, list(dm.train_dataloader()), steps=30, lr=3e-3)
     with torch.no_grad():
         batch = model.collator()(val_set)
         pred_delta = model(batch).head_output.numpy()

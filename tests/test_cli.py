@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import FREESOLV_ROWS
 
 from scifm.cli import main
 
@@ -44,19 +45,7 @@ def _common(backbone: Path, data: Path, out: Path) -> list[str]:
 
 @pytest.fixture()
 def freesolv_slice(tmp_path: Path) -> Path:
-    rows = [
-        ("CCO", -5.0),
-        ("c1ccccc1", -0.87),
-        ("c1ccccc1O", -6.6),
-        ("CC(=O)O", -6.69),
-        ("C1CCCCC1", 1.23),
-        ("CCCC", 2.1),
-        ("c1ccncc1", -4.69),
-        ("CC(C)O", -4.74),
-        ("CCN", -4.5),
-        ("ClC(Cl)Cl", -1.08),
-        ("C1CC", 0.0),
-    ]  # the last one is invalid: skipped and counted (on_error: skip in quickstart)
+    rows = [*FREESOLV_ROWS, ("C1CC", 0.0)]  # the last one is invalid: skipped and counted (on_error: skip)
     path = tmp_path / "freesolv_slice.csv"
     pd.DataFrame(rows, columns=["smiles", "expt"]).to_csv(path, index=False)
     return path

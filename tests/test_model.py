@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMILES, tiny_config
+from conftest import SMILES, tiny_config, train_steps
 
 from scifm.model import ScifmModel
 from scifm.predictor import Predictor
@@ -40,21 +40,6 @@ def _samples(model: ScifmModel) -> list[Sample]:
     return samples
 
 
-def _train(model: ScifmModel, batch: dict, steps: int = 20) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        out = model(batch)
-        assert out.loss is not None
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
-    model.eval()
-    return losses
-
-
 @pytest.mark.parametrize(
     ("stage", "connector", "backbone"),
     [("instruct", "resampler", "llama"), ("align", "mlp", "llama"), ("full", "resampler", "gpt2")],
@@ -69,7 +54,7 @@ def test_training_lowers_loss_and_save_load_is_identical(
     model = ScifmModel.from_config(cfg)
     samples = _samples(model)
     batch = model.collator()(samples)
-    losses = _train(model, batch)
+    losses = train_steps(model, [batch], steps=20, lr=1e-2)
     assert losses[-1] < 0.8 * losses[0], losses
 
     # what trains, per stage

@@ -20,24 +20,14 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from conftest import FREESOLV_ROWS
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "_resume_run.py"
 ENCODER = "[{modality: molecule, kind: gine, params: {hidden_dim: 16, num_layers: 2}}]"
 MAX_STEPS = 14  # 8 training samples / batch 2 = 4 steps an epoch: 3.5 epochs
-ROWS = [
-    ("CCO", -5.0),
-    ("c1ccccc1", -0.87),
-    ("c1ccccc1O", -6.6),
-    ("CC(=O)O", -6.69),
-    ("C1CCCCC1", 1.23),
-    ("CCCC", 2.1),
-    ("c1ccncc1", -4.69),
-    ("CC(C)O", -4.74),
-    ("CCN", -4.5),
-    ("ClC(Cl)Cl", -1.08),
-]
+ROWS = FREESOLV_ROWS
 
 
 # -- helpers ------------------------------------------------------------------------------------
