@@ -30,6 +30,19 @@ def _strategy(name: str) -> object:
     return name
 
 
+def _inject_nan(module: ScifmModule, trainer: L.Trainer, *, step: int) -> None:
+    """Make the loss NaN on the last rank only, at one training step (a numeric fault on one GPU)."""
+    forward = module.model.forward
+
+    def faulty(batch: dict) -> object:
+        out = forward(batch)
+        if module.training and trainer.global_step == step and trainer.global_rank == trainer.world_size - 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    module.model.forward = faulty  # type: ignore[method-assign]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", required=True)
@@ -39,6 +52,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--save_dir", default=None)
+    ap.add_argument(
+        "--nan_at_step", type=int, default=None, help="make the last rank's loss NaN at this step"
+    )
     args = ap.parse_args()
 
     L.seed_everything(0)
@@ -62,6 +78,8 @@ def main() -> None:
         limit_val_batches=0,
     )
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    if args.nan_at_step is not None:
+        _inject_nan(module, trainer, step=args.nan_at_step)
     trainer.fit(module, datamodule=data)
     if args.save_dir:
         from scifm.distributed import save_pretrained_from

@@ -37,7 +37,14 @@ SMILES = [
 
 
 def _run(
-    tmp_path: Path, backbone: Path, data: Path, *, devices: int, batch_size: int, strategy: str = "ddp"
+    tmp_path: Path,
+    backbone: Path,
+    data: Path,
+    *,
+    devices: int,
+    batch_size: int,
+    strategy: str = "ddp",
+    extra: tuple[str, ...] = (),
 ) -> tuple[dict, float]:
     """Train in a subprocess, save with save_pretrained_from, and return the reloaded weights + loss."""
     out = tmp_path / f"weights-{strategy}-{devices}.safetensors"
@@ -59,28 +66,36 @@ def _run(
         strategy,
         "--save_dir",
         str(tmp_path / f"saved-{strategy}-{devices}"),
+        *extra,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out)), json.loads(out.with_suffix(".json").read_text())["loss"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(strategy: str, llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("strategy", "nan_at_step"), [("ddp", None), ("fsdp", None), ("ddp", 1)])
+def test_two_processes_match_one_process(
+    strategy: str, nan_at_step: int | None, llama_dir: Path, tmp_path: Path
+) -> None:
     """DDP, and FSDP2 (ModelParallelStrategy + configure_model), on 2 CPU processes (gloo):
     same weights and loss as one process with the same global batch; the sharded run's
-    weights are gathered into a directory that loads on a single device."""
+    weights are gathered into a directory that loads on a single device. With a NaN loss on
+    one rank at one step, every rank skips that step, as one process does."""
     data = tmp_path / "mols.csv"
     rows = [(s, float(i % 5) - 2.0, "yes" if i % 2 else "no") for i, s in enumerate(SMILES)]
     pd.DataFrame(rows, columns=["smiles", "expt", "label"]).to_csv(data, index=False)
-    single, loss_single = _run(tmp_path, llama_dir, data, devices=1, batch_size=4)
-    ddp, loss_ddp = _run(tmp_path, llama_dir, data, devices=2, batch_size=2, strategy=strategy)
+    extra = ("--nan_at_step", str(nan_at_step)) if nan_at_step is not None else ()
+    single, loss_single = _run(tmp_path, llama_dir, data, devices=1, batch_size=4, extra=extra)
+    ddp, loss_ddp = _run(tmp_path, llama_dir, data, devices=2, batch_size=2, strategy=strategy, extra=extra)
     assert single.keys() == ddp.keys() and single
     for name, value in single.items():
         assert torch.allclose(value, ddp[name], atol=2e-5, rtol=1e-4), name
     assert abs(loss_single - loss_ddp) < 1e-5
     # and training did something
     assert any(float(v.abs().sum()) > 0 for n, v in single.items() if "lora_B" in n)
+    if nan_at_step is not None:  # the fault was real: without it the weights differ
+        clean, _ = _run(tmp_path, llama_dir, data, devices=1, batch_size=4)
+        assert any(not torch.equal(clean[n], single[n]) for n in clean)
 
 
 def test_global_batches_are_the_same_for_any_world_size() -> None:
