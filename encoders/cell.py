@@ -533,8 +533,15 @@ class CellFeaturizer:
                 raise InvalidInputError(record, "the cell has no counts (all zero); it cannot be normalized")
             dense = np.log1p(dense * (self.target_sum / total))
         alignment = self.alignment(genes, source=record)
+        kept = dense[alignment.src]
+        too_big = np.abs(kept) > np.finfo(np.float32).max
+        if too_big.any():
+            gene = genes[int(alignment.src[np.flatnonzero(too_big)[0]])]
+            raise InvalidInputError(
+                record, f"gene {gene!r} has the value {kept[too_big][0]:.3g}, beyond float32's range"
+            )
         out = np.zeros(self.num_genes, dtype=np.float32)
-        out[alignment.dst] = dense[alignment.src]
+        out[alignment.dst] = kept
         return CellItem(torch.from_numpy(out), self.tokens_per_cell)
 
     def _read(self, value: Any, *, record: str) -> tuple[Any, tuple[str, ...], bool]:
