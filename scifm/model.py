@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from scifm.backbone import apply_stage, load_backbone, load_tokenizer, prepare_tokenizer
+from scifm.backbone import DTYPES, apply_stage, load_backbone, load_tokenizer, prepare_tokenizer
 from scifm.config import PLACEHOLDERS, ModelConfig
 from scifm.connectors import build_connector
 from scifm.modalities import build_encoder, build_featurizer, encoder_api
@@ -328,7 +328,7 @@ class ScifmModel(nn.Module):
         backbone: PreTrainedModel
         if config.stage == "full":
             backbone = AutoModelForCausalLM.from_pretrained(
-                str(root / BACKBONE_DIR), dtype=_dtype(config.backbone.dtype)
+                str(root / BACKBONE_DIR), dtype=DTYPES[config.backbone.dtype]
             )
         else:
             backbone = load_backbone(config.backbone, tokenizer)
@@ -350,10 +350,6 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     assert isinstance(token_id, int)
     return token_id
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _load_tokenizer_dir(path: Path) -> PreTrainedTokenizerBase:
