@@ -3,7 +3,9 @@ training loop. Nothing is downloaded; files only under pytest's temporary direct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,3 +85,33 @@ FREESOLV_ROWS = [
     ("CCN", -4.5),
     ("ClC(Cl)Cl", -1.08),
 ]
+
+
+#: Gene names of the synthetic cell data sets in the tests.
+CELL_GENES = tuple(f"G{i}" for i in range(50))
+
+
+def cell_config(
+    backbone: Path,
+    *,
+    kind: str = "mlp",
+    genes: Sequence[str] = CELL_GENES,
+    head: HeadConfig | None = None,
+    connector: str = "resampler",
+    extra: list[EncoderConfig] | None = None,
+    stage: str = "instruct",
+    featurizer: dict[str, Any] | None = None,
+    lm_loss_weight: float = 1.0,
+) -> ModelConfig:
+    """A tiny model config with a cell encoder (``mlp`` or ``transformer``) over ``genes``."""
+    params: dict[str, Any] = {"num_genes": len(genes), "hidden_dim": 16}
+    params.update({"num_tokens": 3} if kind == "mlp" else {"top_k": 6, "num_heads": 2, "num_layers": 1})
+    feat: dict[str, Any] = {"genes": list(genes), "data": "counts", **(featurizer or {})}
+    return ModelConfig(
+        backbone=BackboneConfig(name=str(backbone), lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=96),
+        connector=ConnectorConfig(kind=connector, num_tokens=3, num_heads=2),  # type: ignore[arg-type]
+        encoders=[EncoderConfig(modality="cell", kind=kind, params=params, featurizer=feat), *(extra or [])],
+        head=head or HeadConfig(),
+        stage=stage,  # type: ignore[arg-type]
+        lm_loss_weight=lm_loss_weight,
+    )

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import cell_config, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -227,20 +227,7 @@ GENES = [f"G{i}" for i in range(20)]
 
 
 def _cell_model(llama_dir: Path) -> ScifmModel:
-    cfg = ModelConfig(
-        backbone=BackboneConfig(name=str(llama_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=96),
-        connector=ConnectorConfig(kind="resampler", num_tokens=3, num_heads=2),
-        encoders=[
-            EncoderConfig(
-                modality="cell",
-                kind="mlp",
-                params={"num_genes": len(GENES), "hidden_dim": 16, "num_tokens": 3},
-                featurizer={"genes": GENES, "data": "counts"},
-            )
-        ],
-        head=HeadConfig(),
-    )
-    return ScifmModel.from_config(cfg)
+    return ScifmModel.from_config(cell_config(llama_dir, genes=GENES))
 
 
 @pytest.mark.parametrize(("bad_value", "problem"), [(np.nan, "NaN"), (-3.0, "negative")])

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import train_steps
+from conftest import CELL_GENES, cell_config, train_steps
 
-from scifm.config import BackboneConfig, ConnectorConfig, EncoderConfig, HeadConfig, ModelConfig
+from scifm.config import EncoderConfig, HeadConfig
 from scifm.data_modules.cell import CellDataModule, CellStream, DrugResponseDataModule, drug_response_r2
 from scifm.encoders.cell import (
     CellFeaturizer,
@@ -40,7 +40,7 @@ ad = pytest.importorskip("anndata")
 sc = pytest.importorskip("scanpy")
 sp = pytest.importorskip("scipy.sparse")
 
-GENES = [f"G{i}" for i in range(50)]
+GENES = list(CELL_GENES)
 TEMPLATE = {"prompt": "What is the cell type of <cell>?", "answer": "{cell_type}", "label": "cell_type"}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,31 +58,6 @@ def make_counts(n: int = 20, *, seed: int = 0, genes: list[str] = GENES) -> AnnD
         {"cell_type": types, "donor": [f"d{i % 4}" for i in range(n)]}, index=[f"c{i}" for i in range(n)]
     )
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(genes)))
-
-
-def cell_config(
-    backbone: Path,
-    *,
-    kind: str = "mlp",
-    genes: list[str] = GENES,
-    head: HeadConfig | None = None,
-    connector: str = "resampler",
-    extra: list[EncoderConfig] | None = None,
-    stage: str = "instruct",
-    featurizer: dict[str, Any] | None = None,
-    lm_loss_weight: float = 1.0,
-) -> ModelConfig:
-    params: dict[str, Any] = {"num_genes": len(genes), "hidden_dim": 16}
-    params.update({"num_tokens": 3} if kind == "mlp" else {"top_k": 6, "num_heads": 2, "num_layers": 1})
-    feat: dict[str, Any] = {"genes": list(genes), "data": "counts", **(featurizer or {})}
-    return ModelConfig(
-        backbone=BackboneConfig(name=str(backbone), lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=96),
-        connector=ConnectorConfig(kind=connector, num_tokens=3, num_heads=2),  # type: ignore[arg-type]
-        encoders=[EncoderConfig(modality="cell", kind=kind, params=params, featurizer=feat), *(extra or [])],
-        head=head or HeadConfig(),
-        stage=stage,  # type: ignore[arg-type]
-        lm_loss_weight=lm_loss_weight,
-    )
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-from conftest import FREESOLV_ROWS
+from conftest import FREESOLV_ROWS, cell_config
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,22 +293,10 @@ def test_loading_a_cell_model_whose_gene_vocabulary_was_edited_fails_clearly(
     tmp_path: Path, llama_dir: Path
 ) -> None:
     pytest.importorskip("anndata")
-    from scifm.config import BackboneConfig, ConnectorConfig, EncoderConfig, ModelConfig
     from scifm.model import ScifmModel
 
     genes = [f"G{i}" for i in range(12)]
-    config = ModelConfig(
-        backbone=BackboneConfig(name=str(llama_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0, max_length=96),
-        connector=ConnectorConfig(kind="resampler", num_tokens=2, num_heads=2),
-        encoders=[
-            EncoderConfig(
-                modality="cell",
-                kind="mlp",
-                params={"num_genes": len(genes), "hidden_dim": 16, "num_tokens": 2},
-                featurizer={"genes": genes, "data": "counts"},
-            )
-        ],
-    )
+    config = cell_config(llama_dir, genes=genes)
     saved = ScifmModel.from_config(config).save_pretrained(str(tmp_path / "cell-model"))
     ScifmModel.from_pretrained(str(saved))  # loads as saved
     meta = json.loads((saved / "config.json").read_text())
