@@ -244,14 +244,21 @@ class ScifmDataModule(L.LightningDataModule):
         """Featurize and check ``records`` (read from ``path``), through the cache when on.
 
         Under several processes rank 0 featurizes and writes the cache while the others wait,
-        then every rank reads it.
+        then the other ranks read it (rank 0 keeps what it built). If rank 0 fails (a bad
+        record under ``on_error: raise``), it still reaches the barrier, so the other ranks do
+        not hang: they find no entry, featurize, and raise the same error.
         """
         key = self._cache_key(records, path=path, need_answer=need_answer) if self.cache else None
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if key is not None and distributed and self.trainer is not None:
-            if self.trainer.is_global_zero and read_cache(self.cache_dir, key) is None:
-                self._featurize(records, source=source, need_answer=need_answer, key=key)
-            self.trainer.strategy.barrier("scifm-featurization-cache")
+        trainer = self.trainer
+        if key is not None and trainer is not None and trainer.world_size > 1:
+            built = None
+            try:
+                if trainer.is_global_zero and read_cache(self.cache_dir, key) is None:
+                    built = self._featurize(records, source=source, need_answer=need_answer, key=key)
+            finally:
+                trainer.strategy.barrier("scifm-featurization-cache")
+            if built is not None:
+                return built
         entry = read_cache(self.cache_dir, key) if key is not None else None
         if entry is None:
             return self._featurize(records, source=source, need_answer=need_answer, key=key)
