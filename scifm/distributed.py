@@ -7,37 +7,37 @@ Lightning is the distributed engine; nothing here launches processes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
+if TYPE_CHECKING:
+    from scifm.model import ScifmModel
 
-def wrap_classes(module: nn.Module) -> tuple[set[type[nn.Module]], set[type[nn.Module]]]:
-    """``(units, decoder_layers)``: module classes to shard as FSDP units.
+
+def shard_units(model: ScifmModel) -> set[type[nn.Module]]:
+    """Module classes to shard as FSDP units: the backbone's decoder layers, the encoders, the
+    connectors.
 
     Decoder layers are the classes a Hugging Face model lists in ``_no_split_modules``
-    (``LlamaDecoderLayer``, ``GPT2Block``, ...), so no model name is guessed. Units add the
-    scifm encoders and connectors, each its own unit.
+    (``LlamaDecoderLayer``, ``GPT2Block``, ...), so no model name is guessed.
+
+    Raises:
+        ValueError: the backbone declares no ``_no_split_modules``.
     """
     from transformers import PreTrainedModel
 
     names: set[str] = set()
-    for m in module.modules():
+    for m in model.backbone.modules():
         if isinstance(m, PreTrainedModel):
             names |= set(m._no_split_modules or [])
-    decoder = {type(m) for m in module.modules() if type(m).__name__ in names}
+    decoder = {type(m) for m in model.backbone.modules() if type(m).__name__ in names}
     if not decoder:
-        raise ValueError(
-            "found no decoder layer class to wrap: the backbone declares no _no_split_modules; "
-            "pass auto_wrap_policy to the strategy explicitly"
-        )
-    units = set(decoder)
-    scifm_model = getattr(module, "model", None)  # the ScifmModule's ScifmModel, when given one
-    if scifm_model is not None and hasattr(scifm_model, "encoders"):
-        units |= {type(m) for m in scifm_model.encoders.values()}
-        units |= {type(m) for m in scifm_model.connectors.values()}
-    return units, decoder
+        raise ValueError("found no decoder layer class to shard: the backbone declares no _no_split_modules")
+    encoders = {type(m) for m in model.encoders.values()}
+    connectors = {type(m) for m in model.connectors.values()}
+    return decoder | encoders | connectors
 
 
 def is_sharded(strategy: Strategy) -> bool:

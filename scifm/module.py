@@ -225,11 +225,11 @@ class ScifmModule(L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        from scifm.distributed import wrap_classes
+        from scifm.distributed import shard_units
 
-        units, _ = wrap_classes(self)
+        units = shard_units(self.model)
         for module in list(self.model.modules()):
-            if type(module) in units and module is not self.model:
+            if type(module) in units:
                 fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         self._sharded = True
