@@ -1,4 +1,5 @@
-"""``scifm fit | validate | test | predict --config FILE`` through Lightning's LightningCLI.
+"""``scifm fit | validate | test | predict --config FILE`` through Lightning's LightningCLI, and
+``scifm export CHECKPOINT --output_dir DIR`` (a training checkpoint -> a saved model).
 
 scifm adds to LightningCLI: MLflow as the default logger (a local SQLite store), saving the
 trained model with ``save_pretrained`` into ``--output_dir`` after ``fit``, logging that
@@ -173,8 +174,30 @@ def _fall_back_from_unreachable_tracking(loggers: Any) -> None:
         logger._run_id = None  # a server run id means nothing to the local store: start a new run
 
 
+def export_main(args: list[str]) -> None:
+    """``scifm export CHECKPOINT --output_dir DIR``: a training checkpoint -> a saved model."""
+    import argparse
+
+    from scifm.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="scifm export",
+        description="Write the model in a Lightning checkpoint (a .ckpt file, or the directory of a "
+        "sharded FSDP2/DeepSpeed checkpoint) as a directory that scifm.load reads. Runs on one process.",
+    )
+    parser.add_argument("checkpoint", help="e.g. outputs/model_checkpoints/last.ckpt")
+    parser.add_argument("--output_dir", required=True, help="where to write the model")
+    ns = parser.parse_args(args)
+    target = export_checkpoint(ns.checkpoint, ns.output_dir)
+    print(f"scifm: {ns.checkpoint} exported to {target}; load it with scifm.load({str(target)!r})")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``scifm`` console script."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        export_main(argv[1:])
+        return
     try:
         ScifmCLI(
             ScifmModule,

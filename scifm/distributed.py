@@ -52,7 +52,7 @@ def save_pretrained_from(trainer: Any, module: Any, directory: str) -> Any:
     collective), loaded into a fresh single-device model on rank 0 and saved from there, so the
     directory loads with ``scifm.load`` like any other. Returns the directory on rank 0, else None.
     """
-    from scifm.model import ScifmModel
+    from scifm.export import build_with_featurizers, load_trained_weights
 
     if is_sharded(trainer.strategy):
         if isinstance(trainer.strategy, ModelParallelStrategy):
@@ -64,15 +64,10 @@ def save_pretrained_from(trainer: Any, module: Any, directory: str) -> Any:
             state = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return None
-        fresh = ScifmModel.from_config(module.model_config)
-        fresh.featurizers = module.model.featurizers  # settings learned from data (gene lists)
-        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        result = fresh.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise RuntimeError(
-                f"gathered weights do not fit a fresh model: missing {result.missing_keys[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
+        # featurizer settings learned from data (gene lists) come from the trained module
+        featurizers = {m: f.config() for m, f in module.model.featurizers.items()}
+        fresh = build_with_featurizers(module.model_config, featurizers)
+        load_trained_weights(fresh, state, source="the gathered weights")
         return fresh.save_pretrained(directory)
     if not trainer.is_global_zero:
         return None

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from scifm.config import ModelConfig
+from scifm.export import FEATURIZERS_KEY
 from scifm.model import ScifmModel, ScifmOutput
 
 
@@ -233,6 +234,11 @@ class ScifmModule(L.LightningModule):
                 fully_shard(module, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         self._sharded = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # settings the featurizers learned from data (a gene vocabulary), so that
+        # `scifm export` rebuilds the same model from the checkpoint alone
+        checkpoint[FEATURIZERS_KEY] = {m: dict(f.config()) for m, f in self.model.featurizers.items()}
 
     def save_pretrained(self, directory: str) -> Any:
         return self.model.save_pretrained(directory)

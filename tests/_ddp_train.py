@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--save_dir", default=None)
+    ap.add_argument("--ckpt", default=None, help="also save a Lightning checkpoint here (sharded under fsdp)")
     ap.add_argument(
         "--nan_at_step", type=int, default=None, help="make the last rank's loss NaN at this step"
     )
@@ -81,6 +82,8 @@ def main() -> None:
     if args.nan_at_step is not None:
         _inject_nan(module, trainer, step=args.nan_at_step)
     trainer.fit(module, datamodule=data)
+    if args.ckpt:
+        trainer.save_checkpoint(args.ckpt)  # every rank: each writes its shard under FSDP2
     if args.save_dir:
         from scifm.distributed import save_pretrained_from
 

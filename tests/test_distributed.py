@@ -13,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scifm.cli import main
+from scifm.export import checkpoint_kind
+from scifm.model import ScifmModel
 from scifm.sampling import GlobalBatchSampler
 
 SCRIPT = Path(__file__).with_name("_ddp_train.py")
@@ -66,6 +69,8 @@ def _run(
         strategy,
         "--save_dir",
         str(tmp_path / f"saved-{strategy}-{devices}"),
+        "--ckpt",
+        str(tmp_path / f"ckpt-{strategy}-{devices}.ckpt"),
         *extra,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -93,6 +98,16 @@ def test_two_processes_match_one_process(
     assert abs(loss_single - loss_ddp) < 1e-5
     # and training did something
     assert any(float(v.abs().sum()) > 0 for n, v in single.items() if "lora_B" in n)
+    # the Lightning checkpoints (one file; a sharded directory under FSDP2) export, on one
+    # process, to the same model that the end-of-fit save wrote
+    for devices, kind in ((1, "file"), (2, "fsdp" if strategy == "fsdp" else "file")):
+        ckpt = tmp_path / f"ckpt-{strategy if devices > 1 else 'ddp'}-{devices}.ckpt"
+        assert checkpoint_kind(ckpt) == kind
+        main(["export", str(ckpt), "--output_dir", str(tmp_path / f"exported-{devices}")])
+        exported = dict(ScifmModel.from_pretrained(tmp_path / f"exported-{devices}").named_parameters())
+        saved = single if devices == 1 else ddp
+        for name, value in saved.items():
+            assert torch.equal(exported[name].detach(), value), name
     if nan_at_step is not None:  # the fault was real: without it the weights differ
         clean, _ = _run(tmp_path, llama_dir, data, devices=1, batch_size=4)
         assert any(not torch.equal(clean[n], single[n]) for n in clean)
@@ -110,3 +125,13 @@ def test_global_batches_are_the_same_for_any_world_size() -> None:
     assert list(sampler) != one  # a new order each epoch
     sampler.load_state_dict({"epoch": 0, "start_batch": 2, "seed": 1})
     assert list(sampler) == one[2:]
+
+
+def test_export_refuses_what_is_not_a_scifm_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a Lightning checkpoint"):
+        main(["export", str(tmp_path / "missing.ckpt"), "--output_dir", str(tmp_path / "out")])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "hyper_parameters": {"lr": 1}}, foreign)
+    with pytest.raises(ValueError, match="no scifm model config"):
+        main(["export", str(foreign), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
