@@ -216,6 +216,7 @@ class ScifmDataModule(L.LightningDataModule):
                 name: [records[i] for i in ids]
                 for name, ids in zip(("train", "val", "test"), idx, strict=True)
             }
+        self._split_records = parts
         if self.template.label is not None and not self.classes:
             self.classes = sorted({str(r.row[self.template.label]) for r in parts["train"]})
         paths = {"train": self.path, "val": self.val_path or self.path, "test": self.test_path or self.path}
@@ -348,6 +349,19 @@ class ScifmDataModule(L.LightningDataModule):
             answer, target = None, None
         return Sample(id=rec.id, prompt=prompt, answer=answer, items=items, target=target)
 
+    def split_records(self, split: str) -> list[Record]:
+        """The records behind ``datasets[split]``, in its order (skipped records left out): their
+        raw values and table rows, e.g. to fit a baseline on exactly the same split.
+
+        Raises:
+            RuntimeError: called before ``setup``, or there is no such split.
+        """
+        if split not in self.datasets or split not in self._split_records:
+            raise RuntimeError(f"no {split!r} split: call setup() first (splits: {sorted(self.datasets)})")
+        by_id = {r.id: r for r in self._split_records[split]}
+        dataset = self.datasets[split]
+        return [by_id[dataset[i].id] for i in range(len(dataset))]
+
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, split: str, *, shuffle: bool, for_generation: bool = False) -> DataLoader[Any]:
         if split not in self.datasets:
@@ -395,6 +409,7 @@ class ScifmDataModule(L.LightningDataModule):
     # Set by _loader / load_state_dict (class-level defaults keep __init__ untouched).
     _train_sampler: GlobalBatchSampler | None = None
     _resume_position: tuple[int, int] | None = None
+    _split_records: dict[str, list[Record]] = {}  # noqa: RUF012 - replaced per instance by _build
 
     def state_dict(self) -> dict[str, Any]:
         """The training data position, saved in Lightning checkpoints: the sampler's epoch and

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from scifm.config import PLACEHOLDERS, BackboneConfig, Stage
 
@@ -78,12 +84,41 @@ def load_backbone(cfg: BackboneConfig, tokenizer: PreTrainedTokenizerBase) -> Pr
     kwargs: dict[str, object] = {"dtype": DTYPES[cfg.dtype]}
     if gguf:
         kwargs["gguf_file"] = gguf
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: PreTrainedModel
+    if cfg.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = random_backbone(path, gguf, dtype=DTYPES[cfg.dtype], seed=cfg.init_seed)
     grow_embeddings(model, len(tokenizer))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def random_backbone(path: str, gguf_file: str | None, *, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    """The architecture of the backbone at ``path`` with freshly initialised weights.
+
+    Initialisation is seeded (``seed``) without touching the global RNG, so the same seed gives
+    the same weights on the same torch/transformers versions; :func:`weights_fingerprint`
+    lets a reload check that.
+    """
+    config = (
+        AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+        if gguf_file
+        else AutoConfig.from_pretrained(path)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model  # type: ignore[no-any-return]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> float:
+    """A float64 sum of |w| over all parameters: equal weights give equal sums, to float rounding."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
 
 
 def grow_embeddings(model: PreTrainedModel, vocab_size: int) -> None:

@@ -147,7 +147,29 @@ class ScifmCLI(LightningCLI):
         self.trainer.callbacks.append(writer)  # type: ignore[attr-defined]
 
     def after_predict(self) -> None:
-        print(f"scifm: predictions written to {self._output_dir() / 'predictions.jsonl'}")
+        path = self._output_dir() / "predictions.jsonl"
+        print(f"scifm: predictions written to {path}")
+        if self.trainer.is_global_zero:
+            self._score(path)
+
+    def _score(self, path: Path) -> None:
+        """Write ``metrics.json`` beside the predictions when the data has reference answers or
+        targets (the test split, or a predict_path with answer columns); see :mod:`scifm.metrics`."""
+        from scifm.metrics import evaluate_file, write_metrics
+
+        assert isinstance(self.model, ScifmModule)
+        head = self.model.model_config.head
+        classes = None
+        if isinstance(self.datamodule, ScifmDataModule) and self.datamodule.classes:
+            classes = list(self.datamodule.classes)
+        elif head.kind == "classification" and head.labels:
+            classes = list(head.labels)
+        names = list(head.labels) if head.kind == "regression" and head.labels else None
+        metrics = evaluate_file(path, classes=classes, target_names=names)
+        if "head" not in metrics and "text" not in metrics:
+            return  # nothing to score against: prompts without answers
+        target = write_metrics(metrics, path.with_name("metrics.json"))
+        print(f"scifm: metrics written to {target}")
 
 
 def _fall_back_from_unreachable_tracking(loggers: Any) -> None:

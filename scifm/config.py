@@ -39,6 +39,10 @@ class BackboneConfig:
     use_chat_template: bool = True
     # Longest tokenized sequence (prompt + placeholders + answer); see scifm.tokenization.
     max_length: int = 512
+    # False: the same architecture with random weights (seeded by ``init_seed``), e.g. to
+    # measure what pretraining contributes. The tokenizer is still the pretrained one.
+    pretrained: bool = True
+    init_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.lora_r <= 0 or self.lora_alpha <= 0:

@@ -16,7 +16,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from scifm.backbone import DTYPES, apply_stage, load_backbone, load_tokenizer, prepare_tokenizer
+from scifm.backbone import (
+    DTYPES,
+    apply_stage,
+    load_backbone,
+    load_tokenizer,
+    prepare_tokenizer,
+    weights_fingerprint,
+)
 from scifm.config import PLACEHOLDERS, ModelConfig
 from scifm.connectors import build_connector
 from scifm.modalities import build_encoder, build_featurizer, encoder_api
@@ -69,6 +76,9 @@ class ScifmModel(nn.Module):
         self.tokenizer = tokenizer
         embeddings: Any = backbone.get_input_embeddings()
         self.d_model = int(embeddings.embedding_dim)
+        # A randomly initialised backbone is not saved unless trained whole (stage full): it is
+        # re-created from its seed on load, and this sum checks that it came out the same.
+        self.backbone_fingerprint = None if config.backbone.pretrained else weights_fingerprint(backbone)
         # HF/peft model (typed loosely: PreTrainedModel or PeftModel).
         self.backbone: Any = apply_stage(backbone, config.backbone, config.stage)
         self.encoders = nn.ModuleDict(encoders)
@@ -257,7 +267,9 @@ class ScifmModel(nn.Module):
             for enc_cfg in self.config.encoders:
                 # Featurizers may learn settings from data (a gene vocabulary); keep them.
                 enc_cfg.featurizer = dict(self.featurizers[enc_cfg.modality].config())
-            meta = {"format_version": FORMAT_VERSION, "model": self.config.to_dict()}
+            meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "model": self.config.to_dict()}
+            if self.backbone_fingerprint is not None and self.config.stage != "full":
+                meta["backbone_fingerprint"] = self.backbone_fingerprint
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
@@ -334,6 +346,14 @@ class ScifmModel(nn.Module):
             backbone = load_backbone(config.backbone, tokenizer)
         encoders: dict[str, nn.Module] = {e.modality: build_encoder(e) for e in config.encoders}
         model = cls(config, backbone=backbone, tokenizer=tokenizer, encoders=encoders)
+        expected = meta.get("backbone_fingerprint")
+        drawn = model.backbone_fingerprint
+        if expected is not None and drawn is not None and abs(drawn - expected) > 1e-6 * abs(expected):
+            raise ValueError(
+                f"{root}: its randomly initialised backbone (init_seed {config.backbone.init_seed}) "
+                f"came out differently here (weight sum {drawn!r}, saved {expected!r}); other "
+                "torch/transformers versions initialise differently"
+            )
         model.load_modules(root)
         if config.stage == "instruct":
             from peft import set_peft_model_state_dict

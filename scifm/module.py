@@ -172,12 +172,20 @@ class ScifmModule(L.LightningModule):
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        """Generated answers (and head outputs) for a batch of prompts, one dict per sample."""
+        """One dict per sample: ``id``, ``generated`` text, ``head`` outputs (with a head), and the
+        reference ``answer`` / ``target`` when the data has them."""
         ids = self.model.generate_ids(batch, max_new_tokens=self.model_config.backbone.max_length // 4)
         texts = [t.strip() for t in self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         rows: list[dict[str, Any]] = [
             {"id": i, "generated": t} for i, t in zip(batch["ids"], texts, strict=True)
         ]
+        # references, when the data has them, so `scifm predict` can score itself (scifm.metrics)
+        for row, answer in zip(rows, batch.get("answers") or [None] * len(rows), strict=True):
+            if answer is not None:
+                row["answer"] = answer
+        if "target" in batch:
+            for row, target in zip(rows, batch["target"].tolist(), strict=True):
+                row["target"] = target
         if self.model.head is not None:
             out = self.model(batch)
             assert out.head_output is not None

@@ -178,8 +178,9 @@ class Collator:
 
     The batch has ``input_ids``, ``attention_mask``, ``labels`` ``(B, L)``,
     ``last_prompt_index`` ``(B,)`` (position of the last prompt token, where heads read),
-    ``items`` (modality -> batched items, in placeholder order across the batch), ``ids``
-    and, when every sample has one, ``target``.
+    ``items`` (modality -> batched items, in placeholder order across the batch), ``ids``,
+    ``answers`` (the reference answers, also when they are left out of the input for
+    generation) and, when every sample has one, ``target``.
     """
 
     def __init__(
@@ -227,6 +228,7 @@ class Collator:
             "last_prompt_index": last_prompt,
             "items": items,
             "ids": [s.id for s in samples],
+            "answers": [s.answer for s in samples],  # reference texts, kept for evaluation
         }
         targets = [s.target for s in samples]
         if targets and all(t is not None for t in targets):

@@ -121,7 +121,14 @@ def test_fit_records_an_mlflow_run_and_saves_a_loadable_model(
         ]
     )
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert rows and all({"id", "generated", "head"} <= set(r) for r in rows)
+    assert rows and all({"id", "generated", "head", "answer", "target"} <= set(r) for r in rows)
+    # ... and scores them against the test split's answers and targets
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(rows)
+    errors = [(r["target"][0] - r["head"][0]) ** 2 for r in rows]
+    assert metrics["head"]["expt"]["rmse"] == pytest.approx((sum(errors) / len(errors)) ** 0.5)
+    assert metrics["text"]["n"] == len(rows) and 0.0 <= metrics["text"]["exact_match"] <= 1.0
+    assert rows[0]["answer"].endswith("kcal/mol")
 
 
 def test_every_config_parses(monkeypatch: pytest.MonkeyPatch) -> None:

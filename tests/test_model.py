@@ -81,6 +81,45 @@ def test_training_lowers_loss_and_save_load_is_identical(
     assert torch.allclose(loaded(loaded.collator()(samples)).head_output, head_before, atol=1e-6)
 
 
+def test_random_init_backbone_is_seeded_saved_and_checked(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backbone.pretrained=false: same architecture, random weights from init_seed; a LoRA model
+    on it reloads identically (the backbone is re-drawn and checked), and a backbone that
+    comes out differently on load is refused instead of silently used."""
+    import dataclasses
+
+    from scifm.backbone import weights_fingerprint
+
+    pretrained = ScifmModel.from_config(tiny_config(llama_dir))
+    cfg = tiny_config(llama_dir)
+    cfg.backbone = dataclasses.replace(cfg.backbone, pretrained=False, init_seed=3)
+    torch.manual_seed(0)
+    model = ScifmModel.from_config(cfg)
+    torch.manual_seed(1)  # the backbone's draw depends on init_seed only
+    again = ScifmModel.from_config(cfg)
+    assert model.backbone_fingerprint == again.backbone_fingerprint
+    assert model.backbone_fingerprint != weights_fingerprint(pretrained.backbone)
+    name = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    weights = {n.removeprefix("base_model.model."): p for n, p in model.backbone.named_parameters()}
+    reference = {n.removeprefix("base_model.model."): p for n, p in pretrained.backbone.named_parameters()}
+    assert not torch.equal(weights[name], reference[name])  # not the pretrained weights
+
+    samples = _samples(model)
+    batch = model.collator()(samples)
+    train_steps(model, [batch], steps=3, lr=1e-2)
+    before = model(batch).logits
+    saved = model.save_pretrained(tmp_path / "random")
+    assert not (saved / "backbone").exists()  # re-drawn from the seed, not stored
+    assert torch.equal(ScifmModel.from_pretrained(saved)(batch).logits, before)
+
+    meta = json.loads((saved / "config.json").read_text())
+    meta["backbone_fingerprint"] += 1.0  # as if another torch version drew other weights
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="came out differently"):
+        ScifmModel.from_pretrained(saved)
+
+
 def test_predictor_generate_embed_predict(llama_dir: Path, tmp_path: Path) -> None:
     model = ScifmModel.from_config(tiny_config(llama_dir, head="regression"))
     model.save_pretrained(tmp_path / "m")

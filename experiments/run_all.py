@@ -1,0 +1,32 @@
+"""Run every scifm training of the experiments, one after another (the long part, ~1 h on a
+2-core CPU); each experiment's run.py then finds them done and only adds baselines and plots.
+
+    python experiments/run_all.py [name ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import REPO, run_scifm
+
+EXP = REPO / "experiments"
+FREESOLV_TEXT = ["--model.model.head.kind=none", "--data.init_args.template=freesolv_name"]
+RUNS = {
+    "freesolv_scifm": (EXP / "freesolv/config.yaml", []),
+    "freesolv_scifm_random_init": (EXP / "freesolv/config.yaml", ["--model.model.backbone.pretrained=false"]),
+    "solubility_scifm": (EXP / "solubility/config.yaml", []),
+    "pbmc_scifm": (EXP / "pbmc_cell_types/config.yaml", []),
+    "crystal_pearson_scifm": (EXP / "crystal_prototypes/config.yaml", []),
+    "freesolv_iupac_scifm": (
+        EXP / "freesolv/config.yaml",
+        [*FREESOLV_TEXT, "--model.model.backbone.max_length=128", "--trainer.max_steps=120"],
+    ),
+}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(RUNS):
+        config, overrides = RUNS[name]
+        print(run_scifm(name, config, overrides), flush=True)
