@@ -346,7 +346,7 @@ class ScifmDataModule(L.LightningDataModule):
                 target = self.classes.index(label)
         else:
             prompt, _ = Template(prompt=self.template.prompt).render(rec.row, record=rec.id)
-            answer, target = None, None
+            answer, target = self._reference(rec)
         return Sample(id=rec.id, prompt=prompt, answer=answer, items=items, target=target)
 
     def split_records(self, split: str) -> list[Record]:
@@ -361,6 +361,20 @@ class ScifmDataModule(L.LightningDataModule):
         by_id = {r.id: r for r in self._split_records[split]}
         dataset = self.datasets[split]
         return [by_id[dataset[i].id] for i in range(len(dataset))]
+
+    def _reference(self, rec: Record) -> tuple[str | None, list[float] | int | None]:
+        """The answer and target of a prompt-only record (``predict_path``) when its row happens
+        to hold every column the template's answer reads, so ``scifm predict`` can score itself;
+        else ``(None, None)``. Never raises: prompts are what ``predict`` needs."""
+        try:  # render refuses absent or empty columns
+            _, answer = self.template.render(rec.row, record=rec.id)
+            target: list[float] | int | None = self.template.target(rec.row, record=rec.id)
+            if self.template.label is not None:
+                label = str(rec.row[self.template.label])
+                target = self.classes.index(label) if label in self.classes else None
+        except InvalidInputError:
+            return None, None
+        return answer, target
 
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, split: str, *, shuffle: bool, for_generation: bool = False) -> DataLoader[Any]:

@@ -195,3 +195,174 @@ def curves_plot(path: Path, curves: Mapping[str, Sequence[tuple[int, float]]], *
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+# -- data, exactly as the scifm run saw it ---------------------------------------------------------
+def datamodule(config: Path, model: Any, **overrides: Any) -> Any:
+    """The config's data module, attached to ``model`` (its featurizers and tokenizer) and set up,
+    so baselines get the very splits, records and featurized items the scifm run used."""
+    import importlib
+
+    import yaml
+
+    data = yaml.safe_load(config.read_text())["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    args = {**data.get("init_args", {}), **overrides}
+    path = REPO / str(args["path"])
+    if path.exists():  # config paths are relative to the repository root
+        args["path"] = str(path)
+    dm = getattr(importlib.import_module(module), name)(**args)
+    dm.attach(model)
+    dm.setup("fit")
+    return dm
+
+
+def split_samples(dm: Any, split: str) -> list[Any]:
+    dataset = dm.datasets[split]
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def load_model(run: Mapping[str, Any]) -> Any:
+    from scifm.model import ScifmModel
+
+    return ScifmModel.from_pretrained(run["model"])
+
+
+def by_id(rows: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    return {str(r["id"]): r for r in rows}
+
+
+def summarize(per_seed: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{key: mean_std([...])}`` over seeds."""
+    return {k: mean_std([m[k] for m in per_seed]) for k in keys}
+
+
+def fmt(stat: Mapping[str, float] | float, digits: int = 2) -> str:
+    """``0.62 ± 0.03`` (mean ± sample std over seeds) or a single value."""
+    if isinstance(stat, Mapping):
+        if stat.get("n", 1) > 1:
+            return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -- one experiment shape, shared by solubility and FreeSolv ----------------------------------
+def molecule_regression(
+    folder: Path, config: Path, runs: Sequence[str], *, unit: str, seeds: Sequence[int] = (0, 1, 2)
+) -> dict[str, Any]:
+    """RF on Morgan fingerprints, GINE + head alone (``seeds``), and the scifm runs ``runs``
+    (head and text answers; several names = several training seeds), on the config's split.
+    Writes ``results.json``, ``results.md`` and ``parity.png`` into ``folder``."""
+    import numpy as np
+    from sklearn.ensemble import RandomForestRegressor
+
+    from scifm.baselines import HeadTraining, fit_encoder_head, morgan_fingerprints
+    from scifm.metrics import evaluate_file, regression_metrics
+
+    done = [run_scifm(name, config) if (RUNS / name / "run.json").exists() else None for name in runs]
+    scifm_runs = [r for r in done if r is not None]
+    if not scifm_runs:
+        raise RuntimeError(f"none of the scifm runs {list(runs)} has finished; run experiments/run_all.py")
+    model = load_model(scifm_runs[0])
+    dm = datamodule(config, model)
+    target = dm.template.targets[0]
+    samples = {s: split_samples(dm, s) for s in ("train", "val", "test")}
+    y = {s: np.array([x.target[0] for x in v]) for s, v in samples.items()}
+    test_ids = [x.id for x in samples["test"]]
+    fps = {s: morgan_fingerprints([r.values["molecule"][0] for r in dm.split_records(s)]) for s in samples}
+    results: dict[str, Any] = {
+        "data": {s: len(v) for s, v in samples.items()},
+        "split": dm.split,
+        "target": target,
+        "unit": unit,
+        "skipped": {k: v.skipped for k, v in dm.reports.items()},
+    }
+    keys = ("rmse", "mae", "r2", "pearson")
+    parity: dict[str, list[float]] = {}
+
+    rf = []
+    for seed in seeds:
+        forest = RandomForestRegressor(n_estimators=500, n_jobs=2, random_state=seed)
+        forest.fit(np.vstack([fps["train"], fps["val"]]), np.concatenate([y["train"], y["val"]]))
+        pred = forest.predict(fps["test"])
+        rf.append(regression_metrics(y["test"], pred))
+        parity.setdefault("random forest (Morgan r=2, 2048 bits)", list(pred))
+    results["random_forest_morgan"] = {"per_seed": rf, **summarize(rf, keys)}
+
+    gine, histories = [], []
+    encoder = model.config.encoder_for("molecule")
+    for seed in seeds:
+        head_model, history = fit_encoder_head(
+            encoder,
+            samples["train"],
+            samples["val"],
+            task="regression",
+            num_outputs=1,
+            training=HeadTraining(epochs=150, patience=25, seed=seed),
+        )
+        pred = head_model.predict(samples["test"])[:, 0]
+        gine.append(regression_metrics(y["test"], pred))
+        histories.append(len(history))
+        parity.setdefault("GINE + head (no LLM)", list(pred))
+    results["gine_head"] = {"per_seed": gine, "epochs_run": histories, **summarize(gine, keys)}
+
+    head_runs, text_runs, texts = [], [], []
+    for run in scifm_runs:
+        rows = by_id(read_jsonl(run["predictions"]))
+        if set(rows) != set(test_ids):
+            raise RuntimeError(f"{run['name']}: its predictions are not this test split")
+        metrics = evaluate_file(run["predictions"], target_names=[target])
+        head_runs.append(metrics["head"][target])
+        texts.append(metrics["text_numeric"])
+        if metrics["text_numeric"].get("parsed"):
+            text_runs.append(metrics["text_numeric"])
+        if run is scifm_runs[0]:
+            parity["scifm head (SmolLM2 + GINE)"] = [rows[i]["head"][0] for i in test_ids]
+            from scifm.metrics import parse_number
+
+            text_pred = [parse_number(rows[i]["generated"]) for i in test_ids]
+            results["scifm_text_examples"] = [
+                {"id": i, "answer": rows[i]["answer"], "generated": rows[i]["generated"]}
+                for i in test_ids[:8]
+            ]
+            if all(v is not None for v in text_pred):
+                parity["scifm text answer"] = [float(v) for v in text_pred if v is not None]
+    results["scifm_head"] = {
+        "runs": [r["name"] for r in scifm_runs],
+        "per_seed": head_runs,
+        **summarize(head_runs, keys),
+    }
+    results["scifm_text"] = {"per_seed": texts, **(summarize(text_runs, keys) if text_runs else {})}
+    results["scifm_text"]["parse_rate"] = mean_std([t["parse_rate"] for t in texts])
+    results["scifm_fit_s"] = [r["fit_s"] for r in scifm_runs]
+
+    parity_plot(folder / "parity.png", list(y["test"]), parity, unit=unit)
+    rows_md = [
+        [
+            "random forest, Morgan FP",
+            *(fmt(results["random_forest_morgan"][k]) for k in keys),
+            str(len(seeds)),
+        ],
+        ["GINE + head (no LLM)", *(fmt(results["gine_head"][k]) for k in keys), str(len(seeds))],
+        [
+            "scifm head (SmolLM2 + GINE, LoRA)",
+            *(fmt(results["scifm_head"][k]) for k in keys),
+            str(len(scifm_runs)),
+        ],
+        [
+            f"scifm text answer (parsed {fmt(results['scifm_text']['parse_rate'])})",
+            *(fmt(results["scifm_text"][k]) if k in results["scifm_text"] else "-" for k in keys),
+            str(len(scifm_runs)),
+        ],
+    ]
+    table = markdown_table(["model", "RMSE", "MAE", "R²", "Pearson r", "seeds"], rows_md)
+    (folder / "results.md").write_text(table)
+    print(table)
+    write_results(folder, results)
+    return results

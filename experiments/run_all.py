@@ -19,11 +19,16 @@ RUNS = {
     "freesolv_scifm_random_init": (EXP / "freesolv/config.yaml", ["--model.model.backbone.pretrained=false"]),
     "solubility_scifm": (EXP / "solubility/config.yaml", []),
     "pbmc_scifm": (EXP / "pbmc_cell_types/config.yaml", []),
+    # structure -> description text; Pearson symbol and Strukturbericht are read from it
     "crystal_pearson_scifm": (EXP / "crystal_prototypes/config.yaml", []),
     "freesolv_iupac_scifm": (
         EXP / "freesolv/config.yaml",
         [*FREESOLV_TEXT, "--model.model.backbone.max_length=128", "--trainer.max_steps=120"],
     ),
+    "cif_generation_scifm": (EXP / "crystal_prototypes/cif_generation.yaml", []),
+    # two more training seeds (model init, dropout); the split and data order stay those of seed 0
+    "freesolv_scifm_seed1": (EXP / "freesolv/config.yaml", ["--seed_everything=1"]),
+    "freesolv_scifm_seed2": (EXP / "freesolv/config.yaml", ["--seed_everything=2"]),
 }
 
 if __name__ == "__main__":

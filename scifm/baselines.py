@@ -29,8 +29,8 @@ from scifm.tokenization import Sample
 Task = Literal["regression", "classification"]
 
 
-def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int = 2048) -> np.ndarray:
-    """``(len(smiles), n_bits)`` uint8 Morgan fingerprints (radius 2 = ECFP4).
+def morgan_fingerprints(smiles: Sequence[Any], *, radius: int = 2, n_bits: int = 2048) -> np.ndarray:
+    """``(len(smiles), n_bits)`` uint8 Morgan fingerprints (radius 2 = ECFP4) of SMILES or RDKit Mols.
 
     Raises:
         scifm.InvalidInputError: a SMILES RDKit cannot read (named by its index).

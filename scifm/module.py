@@ -53,6 +53,8 @@ class ScifmModule(L.LightningModule):
             with a trained model). Saved with another stage (e.g. ``align`` continued as
             ``instruct``): its encoder, connector and head weights replace fresh ones, and the
             backbone comes from ``model.backbone``; the encoders must be configured alike.
+        max_new_tokens: longest generated answer in ``scifm predict`` (default:
+            ``backbone.max_length // 4``).
 
     Logged: ``train/loss``, ``train/lm_loss``, ``train/perplexity``, ``train/head_loss``,
     ``train/lr``, ``train/tokens_per_s``, ``train/skipped_steps`` (steps skipped for a NaN/Inf
@@ -65,12 +67,21 @@ class ScifmModule(L.LightningModule):
         model: ModelConfig | None = None,
         optim: OptimConfig | None = None,
         init_from: str | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if max_new_tokens is not None and max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
         self.model_config = model or ModelConfig()
         self.optim_config = optim or OptimConfig()
         self.save_hyperparameters(
-            {"model": self.model_config.to_dict(), "optim": asdict(self.optim_config), "init_from": init_from}
+            {
+                "model": self.model_config.to_dict(),
+                "optim": asdict(self.optim_config),
+                "init_from": init_from,
+                "max_new_tokens": max_new_tokens,
+            }
         )
         if init_from is not None and ScifmModel.saved_stage(init_from) == self.model_config.stage:
             self.model = ScifmModel.from_pretrained(init_from)
@@ -174,7 +185,8 @@ class ScifmModule(L.LightningModule):
     ) -> list[dict[str, Any]]:
         """One dict per sample: ``id``, ``generated`` text, ``head`` outputs (with a head), and the
         reference ``answer`` / ``target`` when the data has them."""
-        ids = self.model.generate_ids(batch, max_new_tokens=self.model_config.backbone.max_length // 4)
+        limit = self.max_new_tokens or self.model_config.backbone.max_length // 4
+        ids = self.model.generate_ids(batch, max_new_tokens=limit)
         texts = [t.strip() for t in self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         rows: list[dict[str, Any]] = [
             {"id": i, "generated": t} for i, t in zip(batch["ids"], texts, strict=True)

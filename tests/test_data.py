@@ -149,3 +149,17 @@ def test_every_bundled_template_loads() -> None:
         assert template.prompt.strip() and set(template.fields()) >= set(template.targets)
     with pytest.raises(FileNotFoundError, match="neither a file nor a bundled template"):
         load_template("no-such-template")
+
+
+def test_predict_file_keeps_references_when_it_has_the_answer_columns(
+    tmp_path: Path, model: ScifmModel
+) -> None:
+    train = _csv(tmp_path, ROWS)
+    scored = tmp_path / "scored.csv"
+    pd.DataFrame([("CCO", -5.0), ("CCCl", None)], columns=["smiles", "expt"]).to_csv(scored, index=False)
+    bare = tmp_path / "bare.csv"
+    pd.DataFrame([("CCO",)], columns=["smiles"]).to_csv(bare, index=False)
+    for path, expected in ((scored, [("-5.00 kcal/mol", [-5.0]), (None, None)]), (bare, [(None, None)])):
+        dm = _module(train, model, predict_path=str(path))
+        got = [(s.answer, s.target) for s in dm.datasets["predict"]]
+        assert got == expected, path.name  # an empty answer cell leaves that record unscored
