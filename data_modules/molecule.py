@@ -25,6 +25,9 @@ class MoleculeDataModule(ScifmDataModule):
         format: "auto", "csv", "tsv", "jsonl", "parquet" or "sdf" (default: "auto").
         split: "random" or "scaffold" (Bemis-Murcko scaffolds of the first molecule column;
             no scaffold is shared between train, val and test) (default: "random").
+        scaffold_column: the SMILES column the scaffold split reads instead of the first
+            molecule column, e.g. for a text-only template (``molecule_columns: []``) that
+            should keep the same split as its molecule twin (default: None).
 
     The other arguments are :class:`~scifm.data_modules.base.ScifmDataModule`'s.
     """
@@ -37,6 +40,7 @@ class MoleculeDataModule(ScifmDataModule):
         molecule_columns: str | list[str] = "smiles",
         id_column: str | None = None,
         format: str = "auto",
+        scaffold_column: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(path, template=template, **kwargs)
@@ -45,6 +49,9 @@ class MoleculeDataModule(ScifmDataModule):
         )
         self.id_column = id_column
         self.format = format
+        if self.split == "scaffold" and not self.molecule_columns and scaffold_column is None:
+            raise ValueError("split: scaffold needs a molecule column or a scaffold_column")
+        self.scaffold_column = scaffold_column
 
     def valid_splits(self) -> tuple[str, ...]:
         return ("random", "scaffold")
@@ -55,6 +62,8 @@ class MoleculeDataModule(ScifmDataModule):
         wanted = self.molecule_columns + columns
         if self.id_column:
             wanted.append(self.id_column)
+        if self.split == "scaffold" and self.scaffold_column:
+            wanted.append(self.scaffold_column)
         check_columns(frame, list(dict.fromkeys(wanted)), source=name)
         rows: list[dict[str, Any]] = [
             {str(k): v for k, v in r.items()} for r in frame.to_dict(orient="records")
@@ -66,8 +75,9 @@ class MoleculeDataModule(ScifmDataModule):
             records.append(Record(id=rid, values={"molecule": values}, row=row))
         if self.split == "scaffold":
             for rec in records:
+                source = rec.row[self.scaffold_column] if self.scaffold_column else rec.values["molecule"][0]
                 try:
-                    rec.group = murcko_scaffold(rec.values["molecule"][0], record=rec.id)
+                    rec.group = murcko_scaffold(source, record=rec.id)
                 except InvalidInputError:
                     rec.group = None  # reported (or skipped) when the record is featurized
         return records

@@ -25,6 +25,16 @@ RUNS = {
         EXP / "freesolv/config.yaml",
         [*FREESOLV_TEXT, "--model.model.backbone.max_length=128", "--trainer.max_steps=120"],
     ),
+    # name -> property: the IUPAC name as text, no <mol>; same scaffold split (from the SMILES)
+    "freesolv_name_scifm": (
+        EXP / "freesolv/config.yaml",
+        [
+            "--data.init_args.template=freesolv_name_property",
+            "--data.init_args.molecule_columns=[]",
+            "--data.init_args.scaffold_column=smiles",
+            "--model.model.backbone.max_length=96",
+        ],
+    ),
     "cif_generation_scifm": (EXP / "crystal_prototypes/cif_generation.yaml", []),
     # two more training seeds (model init, dropout); the split and data order stay those of seed 0
     "freesolv_scifm_seed1": (EXP / "freesolv/config.yaml", ["--seed_everything=1"]),

@@ -71,6 +71,50 @@ def iupac_names() -> dict:
     }
 
 
+NAME_OVERRIDES = [
+    "--data.init_args.template=freesolv_name_property",
+    "--data.init_args.molecule_columns=[]",
+    "--data.init_args.scaffold_column=smiles",
+    "--model.model.backbone.max_length=96",
+]
+
+
+def name_property() -> dict:
+    """IUPAC name (text only) -> hydration free energy: scifm (head and text) vs ridge regression
+    on character 2-4-gram TF-IDF of the names, on the same scaffold split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+
+    from scifm.metrics import evaluate_file, regression_metrics
+
+    run = run_scifm("freesolv_name_scifm", HERE / "config.yaml", NAME_OVERRIDES)
+    dm = datamodule(
+        HERE / "config.yaml",
+        load_model(run),
+        template="freesolv_name_property",
+        molecule_columns=[],
+        scaffold_column="smiles",
+    )
+    rows = by_id(read_jsonl(run["predictions"]))
+    test = dm.split_records("test")
+    if {r.id for r in test} != set(rows):
+        raise RuntimeError("the scifm predictions are not this test split")
+    fit = dm.split_records("train") + dm.split_records("val")
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=2)
+    ridge = Ridge(alpha=1.0).fit(
+        vectorizer.fit_transform([str(r.row["iupac"]) for r in fit]), [float(r.row["expt"]) for r in fit]
+    )
+    pred = ridge.predict(vectorizer.transform([str(r.row["iupac"]) for r in test]))
+    metrics = evaluate_file(run["predictions"], target_names=["expt"])
+    return {
+        "n_test": len(test),
+        "ridge_char_ngrams": regression_metrics([float(r.row["expt"]) for r in test], pred),
+        "scifm_head": metrics["head"]["expt"],
+        "scifm_text": metrics["text_numeric"],
+        "fit_s": run["fit_s"],
+    }
+
+
 if __name__ == "__main__":
     runs = ["freesolv_scifm", "freesolv_scifm_seed1", "freesolv_scifm_seed2"]
     run_scifm("freesolv_scifm", HERE / "config.yaml")
@@ -87,6 +131,24 @@ if __name__ == "__main__":
             )
         ],
     )
+    if (HERE.parent / "runs" / "freesolv_name_scifm" / "run.json").exists():
+        named = name_property()
+        results["name_property"] = named
+        keys = ("rmse", "mae", "r2")
+        table += "\n" + markdown_table(
+            ["IUPAC name -> free energy (no structure)", "RMSE", "MAE", "R²"],
+            [
+                [
+                    "ridge on character 2-4-grams of the name",
+                    *(fmt(named["ridge_char_ngrams"][k]) for k in keys),
+                ],
+                ["scifm head (SmolLM2, name as text)", *(fmt(named["scifm_head"][k]) for k in keys)],
+                [
+                    f"scifm text answer (parsed {fmt(named['scifm_text']['parse_rate'])})",
+                    *(fmt(named["scifm_text"][k]) if k in named["scifm_text"] else "-" for k in keys),
+                ],
+            ],
+        )
     print(table)
     with (HERE / "results.md").open("a") as fh:
         fh.write("\n" + table)
