@@ -35,6 +35,8 @@ RUNS = {
             "--model.model.backbone.max_length=96",
         ],
     ),
+    # the same FreeSolv run with head.standardize (learn (y - mean) / std; off in the runs above)
+    "freesolv_scifm_standardized": (EXP / "freesolv/config.yaml", ["--model.model.head.standardize=true"]),
     "cif_generation_scifm": (EXP / "crystal_prototypes/cif_generation.yaml", []),
     # two more training seeds (model init, dropout); the split and data order stay those of seed 0
     "freesolv_scifm_seed1": (EXP / "freesolv/config.yaml", ["--seed_everything=1"]),

@@ -104,6 +104,11 @@ class HeadConfig:
     loss_weight: float = 1.0
     # Names of the outputs (target columns or class labels), kept for predict().
     labels: list[str] = field(default_factory=list)
+    # Regression: learn (target - mean) / std, with mean and std of the training targets
+    # (filled in when fit starts and saved with the model); outputs come back in target units.
+    standardize: bool = False
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind != "none" and self.num_outputs <= 0:
@@ -112,6 +117,12 @@ class HeadConfig:
             raise ValueError(
                 f"head.labels has {len(self.labels)} names but num_outputs is {self.num_outputs}"
             )
+        for name in ("target_mean", "target_std"):
+            stats = getattr(self, name)
+            if stats is not None and len(stats) != self.num_outputs:
+                raise ValueError(f"head.{name} has {len(stats)} values but num_outputs is {self.num_outputs}")
+        if self.target_std is not None and not all(v > 0 for v in self.target_std):
+            raise ValueError(f"head.target_std must be positive, got {self.target_std}")
 
 
 @dataclass

@@ -66,7 +66,7 @@ def save_pretrained_from(trainer: Any, module: Any, directory: str) -> Any:
             return None
         # featurizer settings learned from data (gene lists) come from the trained module
         featurizers = {m: f.config() for m, f in module.model.featurizers.items()}
-        fresh = build_with_featurizers(module.model_config, featurizers)
+        fresh = build_with_featurizers(module.model.config, featurizers)
         load_trained_weights(fresh, state, source="the gathered weights")
         return fresh.save_pretrained(directory)
     if not trainer.is_global_zero:

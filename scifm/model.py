@@ -189,9 +189,14 @@ class ScifmModel(nn.Module):
             hidden = out.hidden_states[-1]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             pooled = hidden[rows, batch["last_prompt_index"]].float()
-            head_output = self.head(pooled)
+            raw = self.head(pooled)
+            scale = self._target_scale(raw)
+            head_output = raw if scale is None else raw * scale[1] + scale[0]
             if "target" in batch:
-                head_loss = self._head_loss(head_output, batch["target"])
+                target = batch["target"]
+                if scale is not None:  # the loss on the standardized scale, outputs in target units
+                    target = (target.float().view_as(raw) - scale[0]) / scale[1]
+                head_loss = self._head_loss(raw, target)
         loss = None
         if lm_loss is not None:
             loss = self.config.lm_loss_weight * lm_loss
@@ -199,6 +204,25 @@ class ScifmModel(nn.Module):
             weighted = self.config.head.loss_weight * head_loss
             loss = weighted if loss is None else loss + weighted
         return ScifmOutput(loss, lm_loss, head_loss, logits, head_output, num_answer)
+
+    def _target_scale(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(mean, std) of a standardized regression head, or None."""
+        head = self.config.head
+        if head.kind != "regression" or head.target_mean is None or head.target_std is None:
+            return None
+        mean = torch.tensor(head.target_mean, dtype=like.dtype, device=like.device)
+        std = torch.tensor(head.target_std, dtype=like.dtype, device=like.device)
+        return mean, std
+
+    def set_target_stats(self, targets: Tensor) -> None:
+        """Standardize the regression head with the mean and std of ``targets`` ``(N, outputs)``."""
+        if targets.ndim != 2 or targets.shape[1] != self.config.head.num_outputs or targets.shape[0] < 2:
+            raise ValueError(
+                f"need (N >= 2, {self.config.head.num_outputs}) training targets, got {tuple(targets.shape)}"
+            )
+        std = targets.double().std(0)
+        self.config.head.target_mean = [float(v) for v in targets.double().mean(0)]
+        self.config.head.target_std = [float(v) if v > 0 else 1.0 for v in std]
 
     def _head_loss(self, output: Tensor, target: Tensor) -> Tensor:
         if self.config.head.kind == "classification":

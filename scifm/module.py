@@ -97,6 +97,24 @@ class ScifmModule(L.LightningModule):
         self._skip_update = False
         self._sharded = False
 
+    def setup(self, stage: str) -> None:
+        """Before fit: standardize a regression head (``head.standardize``) with the training
+        targets' mean and std, unless the model already has them (a resumed or continued run)."""
+        head = self.model.config.head  # the loaded config when continuing from init_from
+        if stage != "fit" or head.kind != "regression" or not head.standardize or head.target_mean:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train = getattr(datamodule, "datasets", {}).get("train")
+        if train is None:
+            raise RuntimeError(
+                "head.standardize needs the training targets: fit with a scifm data module, or set "
+                "head.target_mean and head.target_std in the config"
+            )
+        targets = [train[i].target for i in range(len(train))]
+        self.model.set_target_stats(torch.tensor(targets, dtype=torch.float64).reshape(len(targets), -1))
+        # checkpoints carry the statistics too (scifm export, --ckpt_path resume)
+        self.hparams["model"] = self.model.config.to_dict()
+
     # -- steps ---------------------------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], split: str) -> torch.Tensor:
         out = self._forward(batch)

@@ -251,3 +251,60 @@ def test_missing_extra_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setitem(sys.modules, name, None)  # as if rdkit were not installed
     with pytest.raises(MissingExtraError, match=r'pip install "scifm\[molecule\]"'):
         MoleculeFeaturizer()("CCO", record="r0")
+
+
+def test_standardized_regression_head(llama_dir: Path, tmp_path: Path) -> None:
+    """head.standardize: fit takes mean/std from the training targets; the head learns
+    (target - mean) / std, answers in target units, and the statistics travel with the saved
+    model and the Lightning checkpoint."""
+    import dataclasses
+
+    import lightning as L
+    import pandas as pd
+    from conftest import FREESOLV_ROWS
+
+    from scifm.data_modules.molecule import MoleculeDataModule
+    from scifm.export import export_checkpoint
+    from scifm.module import OptimConfig, ScifmModule
+
+    cfg = tiny_config(llama_dir, head="regression")
+    cfg.head = dataclasses.replace(cfg.head, standardize=True)
+    path = tmp_path / "mols.csv"
+    pd.DataFrame(FREESOLV_ROWS, columns=["smiles", "expt"]).to_csv(path, index=False)
+    module = ScifmModule(cfg, OptimConfig(lr=1e-3, warmup_steps=0))
+    dm = MoleculeDataModule(str(path), template="freesolv", batch_size=4, fractions=(0.6, 0.2, 0.2))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=dm)
+    train = torch.tensor([dm.datasets["train"][i].target for i in range(len(dm.datasets["train"]))])
+    head = module.model.config.head
+    assert head.target_mean == pytest.approx([float(train.double().mean())])
+    assert head.target_std == pytest.approx([float(train.double().std())])
+
+    model = module.model.eval()
+    batch = model.collator()([dm.datasets["test"][i] for i in range(len(dm.datasets["test"]))])
+    with torch.no_grad():
+        out = model(batch)
+    mean, std = head.target_mean[0], head.target_std[0]
+    raw = (out.head_output - mean) / std
+    expected = torch.nn.functional.mse_loss(raw, (batch["target"] - mean) / std)
+    assert out.head_loss == pytest.approx(float(expected), rel=1e-5)
+
+    saved = model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        reloaded = ScifmModel.from_pretrained(saved)(batch).head_output
+    assert torch.allclose(reloaded, out.head_output, atol=1e-6)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    exported = ScifmModel.from_pretrained(export_checkpoint(ckpt, tmp_path / "exported"))
+    assert exported.config.head.target_mean == head.target_mean
+    with torch.no_grad():
+        assert torch.allclose(exported(batch).head_output, out.head_output, atol=1e-6)
