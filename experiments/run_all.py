@@ -1,4 +1,4 @@
-"""Run every scifm training of the experiments, one after another (the long part, ~1 h on a
+"""Run every scifm training of the experiments, one after another (the long part, ~2 h on a
 2-core CPU); each experiment's run.py then finds them done and only adds baselines and plots.
 
     python experiments/run_all.py [name ...]

@@ -166,7 +166,7 @@ def fit_encoder_head(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
             val_loss = float(loss_fn(model(val_batch), scaled(y_val)))
