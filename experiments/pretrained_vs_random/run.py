@@ -50,15 +50,22 @@ def main() -> dict:
     for key, title in CURVES.items():
         curves_plot(HERE / f"{key.replace('/', '_')}.png", curves[key], ylabel=title)
     table = markdown_table(
-        ["FreeSolv, 150 steps", "head RMSE", "head R²", "text parse rate", "text RMSE", "text exact match"],
+        [
+            "FreeSolv, 150 steps",
+            "val answer-token loss (final)",
+            "head RMSE",
+            "head Pearson r",
+            "text parse rate",
+            "text RMSE",
+        ],
         [
             [
                 label,
+                fmt(r["curves"]["val/lm_loss"][-1][1]),
                 fmt(r["head"]["rmse"]),
-                fmt(r["head"]["r2"]),
+                fmt(r["head"]["pearson"]),
                 fmt(r["text_numeric"]["parse_rate"]),
                 fmt(r["text_numeric"]["rmse"]) if r["text_numeric"].get("parsed") else "-",
-                fmt(r["text"]["exact_match"]),
             ]
             for label, r in results.items()
         ],
