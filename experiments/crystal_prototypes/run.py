@@ -143,8 +143,8 @@ def cif_generation() -> dict | None:
     config = HERE / "cif_generation.yaml"
     run = run_scifm("cif_generation_scifm", config)
     dm = datamodule(config, load_model(run))
-    test = dm.split_records("test")
     rows = by_id(read_jsonl(run["predictions"]))
+    test = [r for r in dm.split_records("test") if r.id in rows]  # the run may score a subset
     formulas = [str(r.row["formula"]) for r in test]
     generated = cif_validity([rows[r.id]["generated"] for r in test], expected_formulas=formulas)
     reference = cif_validity([str(r.row["cif"]) for r in test], expected_formulas=formulas)

@@ -24,13 +24,9 @@ from common import (
     run_scifm,
     write_results,
 )
+from run_all import RUNS
 
-IUPAC_OVERRIDES = [
-    "--model.model.head.kind=none",
-    "--data.init_args.template=freesolv_name",
-    "--model.model.backbone.max_length=128",
-    "--trainer.max_steps=120",
-]
+IUPAC_OVERRIDES = RUNS["freesolv_iupac_scifm"][1]
 
 
 def iupac_names() -> dict:
@@ -71,12 +67,7 @@ def iupac_names() -> dict:
     }
 
 
-NAME_OVERRIDES = [
-    "--data.init_args.template=freesolv_name_property",
-    "--data.init_args.molecule_columns=[]",
-    "--data.init_args.scaffold_column=smiles",
-    "--model.model.backbone.max_length=96",
-]
+NAME_OVERRIDES = RUNS["freesolv_name_scifm"][1]
 
 
 def name_property() -> dict:

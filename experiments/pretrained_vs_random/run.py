@@ -13,14 +13,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import REPO, curves_plot, fmt, markdown_table, metric_history, run_scifm, write_results
+from run_all import RUNS
 
 CONFIG = REPO / "experiments" / "freesolv" / "config.yaml"
-RUNS = {
-    "pretrained SmolLM2-135M-Instruct": ("freesolv_scifm", []),
-    "random init (same architecture)": (
-        "freesolv_scifm_random_init",
-        ["--model.model.backbone.pretrained=false"],
-    ),
+COMPARED = {
+    "pretrained SmolLM2-135M-Instruct": "freesolv_scifm",
+    "random init (same architecture)": "freesolv_scifm_random_init",
 }
 CURVES = {
     "train/lm_loss_step": "train answer-token loss",
@@ -34,8 +32,8 @@ def main() -> dict:
 
     results: dict = {}
     curves: dict = {key: {} for key in CURVES}
-    for label, (name, overrides) in RUNS.items():
-        run = run_scifm(name, CONFIG, overrides)
+    for label, name in COMPARED.items():
+        run = run_scifm(name, CONFIG, RUNS[name][1])
         metrics = evaluate_file(run["predictions"], target_names=["expt"])
         results[label] = {
             "run": name,
