@@ -7,12 +7,13 @@ training label, a CGCNN encoder + classification head alone, and (not learned) t
 symbol spglib derives from the structure itself. CIFs: the scifm text -> CIF run's generations,
 scored with ``scifm.encoders.crystal.cif_validity``, next to the reference CIFs themselves.
 
-    python experiments/crystal_prototypes/run.py
+    python experiments/crystal_prototypes/run.py [--cif-only]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -163,7 +164,11 @@ def cif_generation() -> dict | None:
 
 
 if __name__ == "__main__":
-    results = structure_types()
+    # --cif-only: keep the structure-type results already in results.json, add the CIF run's
+    if "--cif-only" in sys.argv:
+        results = json.loads((HERE / "results.json").read_text())
+    else:
+        results = structure_types()
     p, s = results["pearson"], results["strukturbericht"]
     table = markdown_table(
         ["structure -> label (test set)", "Pearson symbol accuracy", "Strukturbericht accuracy"],
