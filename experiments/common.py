@@ -114,7 +114,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_results(folder: Path, results: Mapping[str, Any]) -> Path:
+def write_results(folder: Path, results: Mapping[str, Any], table: str) -> Path:
+    """Print ``table`` and write it to ``results.md``, and ``results`` to ``results.json``."""
+    print(table)
+    (folder / "results.md").write_text(table)
     path = folder / "results.json"
     path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(f"results -> {path}")
@@ -362,7 +365,5 @@ def molecule_regression(
         ],
     ]
     table = markdown_table(["model", "RMSE", "MAE", "R²", "Pearson r", "seeds"], rows_md)
-    (folder / "results.md").write_text(table)
-    print(table)
-    write_results(folder, results)
+    write_results(folder, results, table)
     return results

@@ -202,6 +202,4 @@ if __name__ == "__main__":
                 ["reference CIFs", *(fmt(cifs["reference_cifs"][k]) for k in keys)],
             ],
         )
-    print(table)
-    (HERE / "results.md").write_text(table)
-    write_results(HERE, results)
+    write_results(HERE, results, table)

@@ -147,6 +147,4 @@ if __name__ == "__main__":
                 ],
             ],
         )
-    print(table)
-    (HERE / "results.md").write_text(regression + "\n" + table)
-    write_results(HERE, results)
+    write_results(HERE, results, regression + "\n" + table)

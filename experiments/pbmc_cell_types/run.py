@@ -102,9 +102,7 @@ def main() -> dict:
             ],
         ],
     )
-    print(table)
-    (HERE / "results.md").write_text(table)
-    write_results(HERE, results)
+    write_results(HERE, results, table)
     return results
 
 

@@ -68,9 +68,7 @@ def main() -> dict:
             for label, r in results.items()
         ],
     )
-    print(table)
-    (HERE / "results.md").write_text(table)
-    write_results(HERE, results)
+    write_results(HERE, results, table)
     return results
 
 
